@@ -1,0 +1,39 @@
+# iommu-lab: every target installs what it needs first, so each works on a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: setup demo test guests bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py requirements.txt vmm/walker/walker.c vmm/walker/build.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-build-isolation -e .
+	$(BIN)/python vmm/walker/build.py
+	touch $@
+
+guests:
+	$(MAKE) -s -C guest_images
+
+demo: setup guests
+	$(BIN)/vmm run
+
+test: setup guests
+	$(BIN)/python -m pytest -q
+
+bench: setup guests
+	$(BIN)/python bench/mmio.py
+	$(BIN)/python bench/walker.py
+	@for b in bench/ipmmu.py bench/virtio_iommu.py bench/replay.py; do \
+		if [ -f $$b ]; then $(BIN)/python $$b || exit 1; fi; done
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	$(MAKE) -s -C guest_images clean
+	rm -rf build *.egg-info vmm/walker/_walker*.so vmm/walker/_walker.c .pytest_cache

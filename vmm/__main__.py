@@ -1,0 +1,5 @@
+import sys
+
+from vmm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,270 @@
+"""The KVM backend: ioctls through ctypes, one vCPU, no in-kernel irqchip.
+
+No irqchip means HLT comes back to us as an exit, so a halted guest ends the run instead of
+blocking forever. The guest enters in 32-bit protected mode at its PVH entry with paging off
+and EBX pointing at hvm_start_info; ``KVM_SET_CPUID2`` is required or its own switch to long
+mode triple-faults (facts/vmm.md section 1.4).
+"""
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import mmap
+import os
+import signal
+import struct
+import threading
+
+from vmm.backends import EXIT_CRASHED, EXIT_HALTED, EXIT_TIMEOUT, BackendUnavailable, RunResult
+
+KVM_GET_API_VERSION = 0xAE00
+KVM_CREATE_VM = 0xAE01
+KVM_GET_VCPU_MMAP_SIZE = 0xAE04
+KVM_GET_SUPPORTED_CPUID = 0xC008AE05
+KVM_SET_USER_MEMORY_REGION = 0x4020AE46
+KVM_CREATE_VCPU = 0xAE41
+KVM_SET_TSS_ADDR = 0xAE47
+KVM_SET_IDENTITY_MAP_ADDR = 0x4008AE48
+KVM_RUN = 0xAE80
+KVM_GET_REGS = 0x8090AE81
+KVM_SET_REGS = 0x4090AE82
+KVM_GET_SREGS = 0x8138AE83
+KVM_SET_SREGS = 0x4138AE84
+KVM_SET_CPUID2 = 0x4008AE90
+
+EXIT_IO, EXIT_HLT, EXIT_MMIO, EXIT_SHUTDOWN, EXIT_FAIL_ENTRY = 2, 5, 6, 8, 9
+EXIT_INTR, EXIT_INTERNAL_ERROR, EXIT_SYSTEM_EVENT = 10, 17, 24
+TSS_ADDR = 0xFFFBD000
+IDENTITY_MAP_ADDR = 0xFFFBC000
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_libc.ioctl.restype = ctypes.c_int
+
+
+class KvmRegs(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in (
+        "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+        "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")]
+
+
+class KvmSegment(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_uint64), ("limit", ctypes.c_uint32), ("selector", ctypes.c_uint16),
+                ("type", ctypes.c_uint8), ("present", ctypes.c_uint8), ("dpl", ctypes.c_uint8),
+                ("db", ctypes.c_uint8), ("s", ctypes.c_uint8), ("l", ctypes.c_uint8), ("g", ctypes.c_uint8),
+                ("avl", ctypes.c_uint8), ("unusable", ctypes.c_uint8), ("padding", ctypes.c_uint8)]
+
+
+class KvmDtable(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_uint64), ("limit", ctypes.c_uint16), ("padding", ctypes.c_uint16 * 3)]
+
+
+class KvmSregs(ctypes.Structure):
+    _fields_ = [("cs", KvmSegment), ("ds", KvmSegment), ("es", KvmSegment), ("fs", KvmSegment),
+                ("gs", KvmSegment), ("ss", KvmSegment), ("tr", KvmSegment), ("ldt", KvmSegment),
+                ("gdt", KvmDtable), ("idt", KvmDtable), ("cr0", ctypes.c_uint64), ("cr2", ctypes.c_uint64),
+                ("cr3", ctypes.c_uint64), ("cr4", ctypes.c_uint64), ("cr8", ctypes.c_uint64),
+                ("efer", ctypes.c_uint64), ("apic_base", ctypes.c_uint64), ("interrupt_bitmap", ctypes.c_uint64 * 4)]
+
+
+class KvmMemoryRegion(ctypes.Structure):
+    _fields_ = [("slot", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("guest_phys_addr", ctypes.c_uint64),
+                ("memory_size", ctypes.c_uint64), ("userspace_addr", ctypes.c_uint64)]
+
+
+class KvmCpuidEntry2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint32) for n in ("function", "index", "flags", "eax", "ebx", "ecx", "edx")] + [
+        ("padding", ctypes.c_uint32 * 3)]
+
+
+class KvmCpuid2(ctypes.Structure):
+    _fields_ = [("nent", ctypes.c_uint32), ("padding", ctypes.c_uint32), ("entries", KvmCpuidEntry2 * 256)]
+
+
+assert ctypes.sizeof(KvmRegs) == 144 and ctypes.sizeof(KvmSregs) == 312
+
+
+def _ioctl(fd: int, req: int, arg=None) -> int:
+    """ioctl with a pointer or unsigned integer argument (fcntl.ioctl takes a signed int)."""
+    if arg is None:
+        arg = 0
+    ptr = arg if isinstance(arg, int) else ctypes.addressof(arg)
+    res = _libc.ioctl(fd, req, ptr)
+    if res < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"KVM ioctl {req:#x}: {os.strerror(err)}")
+    return res
+
+
+_usable: tuple[bool, str] | None = None
+
+
+def kvm_usable() -> tuple[bool, str]:
+    """Whether /dev/kvm opens and can create a VM with a vCPU (cached), and why not."""
+    global _usable
+    if _usable is None:
+        try:
+            fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            _usable = (False, f"/dev/kvm: {e.strerror}")
+        else:
+            try:
+                if _ioctl(fd, KVM_GET_API_VERSION) != 12:
+                    _usable = (False, "KVM API version is not 12")
+                else:
+                    vm = _ioctl(fd, KVM_CREATE_VM)
+                    vcpu = _ioctl(vm, KVM_CREATE_VCPU, 0)
+                    os.close(vcpu)
+                    os.close(vm)
+                    _usable = (True, "")
+            except OSError as e:
+                _usable = (False, f"KVM refused to create a VM/vCPU: {e}")
+            finally:
+                os.close(fd)
+    return _usable
+
+
+def _flat32(selector: int, code: bool) -> KvmSegment:
+    return KvmSegment(base=0, limit=0xFFFFFFFF, selector=selector, type=11 if code else 3, present=1,
+                      dpl=0, db=1, s=1, l=0, g=1, avl=0, unusable=0)
+
+
+class _Timeout(Exception):
+    pass
+
+
+class KvmBackend:
+    name = "kvm"
+
+    def __init__(self, machine) -> None:
+        ok, why = kvm_usable()
+        if not ok:
+            raise BackendUnavailable(why)
+        self.machine = machine
+        self.fds: list[int] = []
+        self.kvm = self._keep(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
+        self.vm = self._keep(_ioctl(self.kvm, KVM_CREATE_VM))
+        _ioctl(self.vm, KVM_SET_TSS_ADDR, TSS_ADDR)
+        _ioctl(self.vm, KVM_SET_IDENTITY_MAP_ADDR, ctypes.c_uint64(IDENTITY_MAP_ADDR))
+        for slot, r in enumerate(machine.dom0.ram.ranges):
+            region = KvmMemoryRegion(slot=slot, flags=0, guest_phys_addr=r.gpa, memory_size=r.size,
+                                     userspace_addr=r.host)
+            _ioctl(self.vm, KVM_SET_USER_MEMORY_REGION, region)
+        self.vcpu = self._keep(_ioctl(self.vm, KVM_CREATE_VCPU, 0))
+        size = _ioctl(self.kvm, KVM_GET_VCPU_MMAP_SIZE)
+        self.run_map = mmap.mmap(self.vcpu, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        cpuid = KvmCpuid2(nent=256)
+        _ioctl(self.kvm, KVM_GET_SUPPORTED_CPUID, cpuid)
+        _ioctl(self.vcpu, KVM_SET_CPUID2, cpuid)
+
+    def _keep(self, fd: int) -> int:
+        self.fds.append(fd)
+        return fd
+
+    def close(self) -> None:
+        self.run_map.close()
+        for fd in reversed(self.fds):
+            os.close(fd)
+        self.fds = []
+
+    def regs(self) -> KvmRegs:
+        regs = KvmRegs()
+        _ioctl(self.vcpu, KVM_GET_REGS, regs)
+        return regs
+
+    def sregs(self) -> KvmSregs:
+        sregs = KvmSregs()
+        _ioctl(self.vcpu, KVM_GET_SREGS, sregs)
+        return sregs
+
+    def _enter_pvh(self, entry: int, start_info: int) -> None:
+        sregs = self.sregs()
+        sregs.cs = _flat32(0x08, True)
+        for name in ("ds", "es", "fs", "gs", "ss"):
+            setattr(sregs, name, _flat32(0x10, False))
+        sregs.tr = KvmSegment(base=0, limit=0x67, selector=0x18, type=11, present=1, s=0)
+        sregs.ldt = KvmSegment(unusable=1, type=2, present=1)
+        sregs.cr0 = 0x11             # PE | ET; paging off
+        sregs.cr4 = 0
+        sregs.efer = 0
+        _ioctl(self.vcpu, KVM_SET_SREGS, sregs)
+        _ioctl(self.vcpu, KVM_SET_REGS, KvmRegs(rip=entry, rbx=start_info, rflags=2))
+
+    def describe_cpu(self) -> str:
+        r, s = self.regs(), self.sregs()
+        return (f"RIP={r.rip:#x} RSP={r.rsp:#x} RFLAGS={r.rflags:#x} CR0={s.cr0:#x} CR2={s.cr2:#x} "
+                f"CR3={s.cr3:#x} CR4={s.cr4:#x} EFER={s.efer:#x}")
+
+    def run(self, entry: int, start_info: int, timeout: float) -> RunResult:
+        self._enter_pvh(entry, start_info)
+        in_main = threading.current_thread() is threading.main_thread()
+        if in_main and timeout:
+            def _alarm(signum, frame):
+                raise _Timeout()
+            old = signal.signal(signal.SIGALRM, _alarm)
+            signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            return self._loop()
+        except _Timeout:
+            return RunResult(EXIT_TIMEOUT, "timeout", self.name,
+                             f"guest still running after {timeout:g} s; stopped ({self.describe_cpu()})")
+        finally:
+            if in_main and timeout:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, old)
+
+    def _loop(self) -> RunResult:
+        m = self.machine
+        run = self.run_map
+        ioctl = fcntl.ioctl
+        fd = self.vcpu
+        reason_of = struct.Struct("<I").unpack_from
+        io_of = struct.Struct("<BBHIQ").unpack_from
+        mmio_of = struct.Struct("<Q8sIB").unpack_from
+        mmio_read, mmio_write = m.mmio_read, m.mmio_write
+        pio_read, pio_write = m.pio_read, m.pio_write
+        from_bytes = int.from_bytes
+        while m.stop_status is None:
+            ioctl(fd, KVM_RUN, 0)
+            reason = reason_of(run, 8)[0]
+            if reason == EXIT_MMIO:
+                addr, data, length, is_write = mmio_of(run, 32)
+                if is_write:
+                    mmio_write(addr, length, from_bytes(data[:length], "little"))
+                else:
+                    run[40:40 + length] = mmio_read(addr, length).to_bytes(length, "little")
+            elif reason == EXIT_IO:
+                direction, size, port, count, off = io_of(run, 32)
+                for i in range(count):
+                    at = off + i * size
+                    if direction:
+                        pio_write(port, size, from_bytes(run[at:at + size], "little"))
+                    else:
+                        run[at:at + size] = pio_read(port, size).to_bytes(size, "little")
+            elif reason == EXIT_INTR:
+                continue
+            else:
+                return self._stopped(reason)
+        return RunResult(m.stop_status, "exit", self.name)
+
+    def _stopped(self, reason: int) -> RunResult:
+        cpu = self.describe_cpu()
+        if reason == EXIT_HLT:
+            iflag = self.regs().rflags & (1 << 9)
+            why = "with interrupts off" if not iflag else "waiting for an interrupt that never comes (no irqchip)"
+            return RunResult(EXIT_HALTED, "halt", self.name,
+                             f"guest halted {why} without writing the debug-exit port ({cpu})")
+        if reason == EXIT_SHUTDOWN:
+            return RunResult(EXIT_CRASHED, "triple-fault", self.name, f"guest triple-faulted ({cpu})")
+        if reason == EXIT_FAIL_ENTRY:
+            code = struct.unpack_from("<Q", self.run_map, 32)[0]
+            return RunResult(EXIT_CRASHED, "error", self.name, f"KVM entry failed, reason {code:#x} ({cpu})")
+        if reason == EXIT_INTERNAL_ERROR:
+            sub = struct.unpack_from("<I", self.run_map, 32)[0]
+            return RunResult(EXIT_CRASHED, "error", self.name, f"KVM internal error, suberror {sub} ({cpu})")
+        if reason == EXIT_SYSTEM_EVENT:
+            kind = struct.unpack_from("<I", self.run_map, 32)[0]
+            what = {1: "shutdown", 2: "reset", 3: "crash"}.get(kind, f"event {kind}")
+            return RunResult(EXIT_CRASHED, "triple-fault" if kind == 1 else "error", self.name,
+                             f"guest system event: {what} ({cpu})")
+        return RunResult(EXIT_CRASHED, "error", self.name, f"unexpected KVM exit reason {reason} ({cpu})")

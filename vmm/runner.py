@@ -1,0 +1,46 @@
+"""Boot a payload on a machine: load the ELF, pick the backend, run, report."""
+from __future__ import annotations
+
+import logging
+
+from vmm.backends import BackendUnavailable, RunResult
+from vmm.elfload import load_image, place
+from vmm.images import find_image
+
+log = logging.getLogger("vmm")
+
+
+def choose_backend(name: str):
+    from vmm.backends.kvm import KvmBackend, kvm_usable
+
+    if name == "kvm":
+        return KvmBackend
+    if name == "emulated":
+        from vmm.backends.emulated import EmulatedBackend
+        return EmulatedBackend
+    if name != "auto":
+        raise ValueError(f"unknown backend {name!r} (auto, kvm, emulated)")
+    ok, why = kvm_usable()
+    if ok:
+        log.info("backend: kvm (/dev/kvm is usable)")
+        return KvmBackend
+    from vmm.backends.emulated import EmulatedBackend
+    log.info("backend: emulated (%s)", why)
+    return EmulatedBackend
+
+
+def run_image(machine, image: str | None, backend: str = "auto", timeout: float = 10.0) -> RunResult:
+    dom = machine.dom0
+    img = load_image(find_image(image), dom.ram_ranges)
+    start_info = place(img, dom.write, dom.ram_ranges)
+    cls = choose_backend(backend)
+    try:
+        cpu = cls(machine)
+    except BackendUnavailable as e:
+        raise BackendUnavailable(f"backend {cls.name} unavailable: {e}") from None
+    try:
+        result = cpu.run(img.entry, start_info, timeout)
+    finally:
+        cpu.close()
+    result.console = bytes(machine.console)
+    return result

@@ -1,0 +1,300 @@
+"""Pure-Python reference walker: the same interface as ``vmm.walker.Walker``.
+
+Written from the rules in docs/facts/pgtable.md (sections 1-4) rather than from the C code, so a
+differential test between the two checks two independent readings of the architecture. Speed is
+not a goal; clarity is. Faults travel as exceptions here (the C returns fault words).
+
+Its IOTLB is a plain dict keyed by (context, 4 KiB input page) so the IOTLB tests and the bench
+can run against it too; it follows the same invalidation contract as the C one.
+"""
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from vmm.walker import (
+    ACCESS_FLAG,
+    ADDRESS_SIZE,
+    F_APTABLE,
+    F_CHECK_AF,
+    F_NS_CHECK,
+    F_S2,
+    MAX_CONTEXTS,
+    NS,
+    PERMISSION,
+    TRANSLATION,
+    WALK_ABORT,
+    Fault,
+    Stage,
+    coalesce_range,
+    decode_fault,
+    range_pages,
+)
+
+_READ, _WRITE = 1, 2
+_OA_FIELD = (1 << 48) - 1          # descriptor address fields live in bits [47:x]
+
+
+class _Stop(Exception):
+    """A fault found during a walk (unwinds to ``_translate``)."""
+
+    def __init__(self, kind: int, stage: int, level: int, address: int, s1ptw: bool = False) -> None:
+        super().__init__(kind)
+        self.fault = Fault(kind, stage, level, address, s1ptw)
+
+
+@dataclass
+class _Leaf:
+    oa: int          # output address of the translated input address
+    perms: int       # accesses this leaf (and APTable on the way) allows
+    size: int        # bytes covered by the leaf
+
+
+class _StageGeometry:
+    """What one stage's configuration means for a walk (sizes per level, root table)."""
+
+    def __init__(self, st: Stage, stage_no: int) -> None:
+        self.st = st
+        self.no = stage_no
+        g = st.granule
+        self.bits_per_level = g - 3
+        self.level_size = {lvl: 1 << (g + (3 - lvl) * (g - 3)) for lvl in range(4)}
+        first_size = self.level_size[st.start_level]
+        max_root_tables = 16 if stage_no == 2 else 1
+        self.root_entries = (1 << st.ia_bits) // first_size
+        # ia_bits smaller than the start level resolves, or a root larger than permitted:
+        # an inconsistent TnSZ/SL0 pair -- every access is a level-0 translation fault.
+        self.consistent = (1 << st.ia_bits) >= first_size and \
+            self.root_entries <= max_root_tables * (1 << self.bits_per_level)
+        root_bytes = 8 * max(self.root_entries, 1)
+        self.root = st.ttbr - st.ttbr % root_bytes
+
+    def block_level_ok(self, level: int) -> bool:
+        allowed = {12: (1, 2), 14: (2,), 16: (2,)}[self.st.granule]
+        return level in allowed
+
+
+class ReferenceWalker:
+    """Slow, obviously-correct translation; see ``vmm.walker.Walker`` for the contract."""
+
+    def __init__(self, mem, tlb_entries: int = 4096) -> None:
+        self._mem = mem
+        self._contexts: dict[int, tuple[_StageGeometry | None, _StageGeometry | None, int]] = {}
+        self._tlb: dict[tuple[int, int], tuple[int, int, int, int, int, tuple[int, ...]]] = {}
+        self._tlb_on = True
+        self._hits = self._misses = self._walks = 0
+
+    # -- contexts --------------------------------------------------------------------------
+    def context(self, ctx_id: int, s1: Stage | None, s2: Stage | None, s2_id: int = 0) -> None:
+        """Define or redefine a context (dropping its cached entries); both None = undefined."""
+        if not 0 <= ctx_id < MAX_CONTEXTS:
+            raise ValueError(f"context id {ctx_id} out of range")
+        for st in (s1, s2):
+            if st is not None:
+                st.validate()
+        self._drop(lambda key, val: key[0] == ctx_id)
+        if s1 is None and s2 is None:
+            self._contexts.pop(ctx_id, None)
+            return
+        self._contexts[ctx_id] = (
+            _StageGeometry(s1, 1) if s1 is not None else None,
+            _StageGeometry(s2, 2) if s2 is not None else None,
+            s2_id,
+        )
+
+    # -- the walk --------------------------------------------------------------------------
+    def _fetch(self, pa: int, stage: int, level: int, fault_addr: int) -> int:
+        if pa < 0 or pa + 8 > self._mem.size:
+            raise _Stop(WALK_ABORT, stage, level, fault_addr)
+        return int.from_bytes(self._mem.view[pa:pa + 8], "little")
+
+    def _walk(self, geo: _StageGeometry, ia: int, access: int, via: _StageGeometry | None,
+              table_ipas: list[int] | None = None) -> _Leaf:
+        """One stage, D8.15.4 order. ``via``: stage 2 that translates this stage's table IPAs
+        (collected in ``table_ipas`` so the IOTLB knows which IPAs the result depends on)."""
+        st, stage = geo.st, geo.no
+        if not geo.consistent or ia >= 1 << st.ia_bits:
+            raise _Stop(TRANSLATION, stage, 0, ia)
+        if st.ttbr >= 1 << st.oa_bits:
+            raise _Stop(ADDRESS_SIZE, stage, 0, ia)
+        s2_format = bool(st.flags & F_S2)
+        check_ns = not s2_format and bool(st.flags & F_NS_CHECK)
+        honour_aptable = not s2_format and bool(st.flags & F_APTABLE)
+        writes_blocked_above = False
+
+        level = st.start_level
+        table = geo.root
+        entries = geo.root_entries
+        while True:
+            size = geo.level_size[level]
+            index = (ia // size) % entries
+            desc_addr = table + 8 * index
+            if via is not None:
+                if table_ipas is not None:
+                    table_ipas.append(desc_addr)
+                try:
+                    desc_addr = self._walk(via, desc_addr, _READ, None).oa
+                except _Stop as stop:
+                    f = stop.fault
+                    raise _Stop(f.kind, f.stage, f.level, f.address, True) from None
+            desc = self._fetch(desc_addr, stage, level, ia)
+            kind = desc & 3
+            if kind in (0, 2):
+                raise _Stop(TRANSLATION, stage, level, ia)
+            is_table = kind == 3 and level < 3
+            if not is_table:
+                # kind 1 at level 3 is reserved; kind 1 is a block only where blocks exist
+                if level == 3 and kind == 1:
+                    raise _Stop(TRANSLATION, stage, level, ia)
+                if level < 3 and not geo.block_level_ok(level):
+                    raise _Stop(TRANSLATION, stage, level, ia)
+                base = (desc & _OA_FIELD) // size * size
+                if base >= 1 << st.oa_bits:
+                    raise _Stop(ADDRESS_SIZE, stage, level, ia)
+                if check_ns and not desc >> 5 & 1:
+                    raise _Stop(NS, stage, level, ia)
+                if st.flags & F_CHECK_AF and not desc >> 10 & 1:
+                    raise _Stop(ACCESS_FLAG, stage, level, ia)
+                if s2_format:
+                    perms = (_READ if desc >> 6 & 1 else 0) | (_WRITE if desc >> 7 & 1 else 0)
+                else:
+                    writable = not desc >> 7 & 1 and not writes_blocked_above
+                    perms = _READ | (_WRITE if writable else 0)
+                if access & ~perms & 3:
+                    raise _Stop(PERMISSION, stage, level, ia)
+                return _Leaf(base + ia % size, perms, size)
+            granule_bytes = 1 << st.granule
+            next_table = (desc & _OA_FIELD) // granule_bytes * granule_bytes
+            if next_table >= 1 << st.oa_bits:
+                raise _Stop(ADDRESS_SIZE, stage, level, ia)
+            if check_ns and not desc >> 63:
+                raise _Stop(NS, stage, level, ia)
+            if honour_aptable and desc >> 62 & 1:
+                writes_blocked_above = True
+            table = next_table
+            entries = 1 << geo.bits_per_level
+            level += 1
+
+    def _translate(self, ctx_id: int, addr: int, access: int) -> tuple[int, int, int, int, int, tuple[int, ...]]:
+        """Full translation: (out, perms, input leaf size, ipa or -1, ipa leaf size, s1 table IPAs)."""
+        ctx = self._contexts.get(ctx_id)
+        if ctx is None:
+            raise _Stop(TRANSLATION, 1, 0, addr)
+        s1, s2, _ = ctx
+        ipa, perms, in_size = addr, _READ | _WRITE, 0
+        table_ipas: list[int] = []
+        if s1 is not None:
+            leaf = self._walk(s1, addr, access, s2, table_ipas)
+            ipa, perms, in_size = leaf.oa, leaf.perms, leaf.size
+        if s2 is None:
+            return ipa, perms, in_size, -1, 0, ()
+        leaf2 = self._walk(s2, ipa, access, None)
+        return leaf2.oa, perms & leaf2.perms, in_size or leaf2.size, ipa, leaf2.size, tuple(table_ipas)
+
+    def _one(self, ctx_id: int, addr: int, access: int) -> tuple[int, int]:
+        page = addr >> 12
+        if self._tlb_on and ctx_id in self._contexts:
+            hit = self._tlb.get((ctx_id, page))
+            if hit is not None and access & ~hit[1] & 3 == 0:
+                self._hits += 1
+                return hit[0] + (addr & 0xFFF), 0
+            self._misses += 1
+        self._walks += 1
+        try:
+            out, perms, in_size, ipa, ipa_size, table_ipas = self._translate(ctx_id, addr, access)
+        except _Stop as stop:
+            return stop.fault.address, stop.fault.word
+        if self._tlb_on and ctx_id in self._contexts:
+            self._tlb[(ctx_id, page)] = (out & ~0xFFF, perms, in_size, ipa & ~0xFFF if ipa >= 0 else -1, ipa_size,
+                                         table_ipas)
+        return out, 0
+
+    # -- public API (same as Walker) -------------------------------------------------------
+    def translate(self, ctx_id: int, addrs: Iterable[int], access: int | Sequence[int]) -> tuple[array, array]:
+        """Translate a batch; never raises for bad addresses."""
+        addrs = list(addrs)
+        accs = [access & 3] * len(addrs) if isinstance(access, int) else [a & 3 for a in access]
+        if len(accs) != len(addrs):
+            raise ValueError("access array length differs from addrs")
+        out, fault = array("Q"), array("I")
+        for a, acc in zip(addrs, accs):
+            o, f = self._one(ctx_id, a, acc)
+            out.append(o)
+            fault.append(f)
+        return out, fault
+
+    def translate1(self, ctx_id: int, addr: int, access: int) -> int | Fault:
+        """One address: the MPA or a Fault."""
+        out, fault = self._one(ctx_id, addr, access & 3)
+        return out if fault == 0 else decode_fault(fault, out)
+
+    def decode(self, fault_word: int, address: int) -> Fault:
+        return decode_fault(fault_word, address)
+
+    def translate_range(self, ctx_id: int, addr: int, length: int, access: int) -> list[tuple[int, int]] | Fault:
+        """Coalesced (mpa, n) runs for [addr, addr+length) or the first fault."""
+        ctx = self._contexts.get(ctx_id)
+        gran = min(g.st.granule for g in ctx[:2] if g is not None) if ctx else 12
+        pages = range_pages(addr, length, gran)
+        out, fault = self.translate(ctx_id, pages, access)
+        for o, f in zip(out, fault):
+            if f:
+                return decode_fault(f, o)
+        return coalesce_range(addr, length, gran, out)
+
+    # -- IOTLB -----------------------------------------------------------------------------
+    def _drop(self, pred) -> None:
+        for key in [k for k, v in self._tlb.items() if pred(k, v)]:
+            del self._tlb[key]
+
+    def invalidate_all(self) -> None:
+        self._tlb.clear()
+
+    def invalidate_context(self, ctx_id: int) -> None:
+        self._drop(lambda key, val: key[0] == ctx_id)
+
+    def invalidate_range(self, ctx_id: int, start: int, length: int) -> None:
+        """Drop entries whose input leaf overlaps the range (the whole leaf, as hardware would)."""
+        if length <= 0:
+            return
+        end = start + length
+
+        def hit(key, val):
+            if key[0] != ctx_id:
+                return False
+            lo = (key[1] << 12) // val[2] * val[2]
+            return lo < end and lo + val[2] > start
+        self._drop(hit)
+
+    def invalidate_ipa(self, s2_id: int, start: int, length: int) -> None:
+        """Drop s2-only and combined entries whose stage-2 leaf overlaps the IPA range."""
+        if length <= 0:
+            return
+        end = start + length
+
+        def hit(key, val):
+            ctx = self._contexts.get(key[0])
+            if ctx is None or ctx[1] is None or ctx[2] != s2_id or val[3] < 0:
+                return False
+            if any(start <= t < end for t in val[5]):
+                return True          # a stage-1 table of this walk was read through that IPA range
+            lo = val[3] // val[4] * val[4]
+            return lo < end and lo + val[4] > start
+        self._drop(hit)
+
+    def stats(self) -> dict:
+        return {"hits": self._hits, "misses": self._misses, "walks": self._walks}
+
+    def reset_stats(self) -> None:
+        self._hits = self._misses = self._walks = 0
+
+    @property
+    def tlb_enabled(self) -> bool:
+        return self._tlb_on
+
+    @tlb_enabled.setter
+    def tlb_enabled(self, on: bool) -> None:
+        if on and not self._tlb_on:
+            self._tlb.clear()
+        self._tlb_on = bool(on)

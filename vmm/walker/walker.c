@@ -1,0 +1,537 @@
+/*
+ * VMSAv8-64 translation walker (stage 1, stage 2, nested) and IOTLB for iommu-lab.
+ *
+ * Compiled by cffi (vmm/walker/build.py); the Python face is vmm/walker/__init__.py.
+ * Rules follow docs/facts/pgtable.md sections 1-5 (ARM DDI0487 D8.2/D8.3/D8.4/D8.15):
+ *
+ *   per stage: input range -> TTBR address size -> per level { fetch (nested: the descriptor
+ *   IPA goes through a full stage-2 walk first) -> valid -> reserved encoding -> address size
+ *   -> NS } -> AF -> permission; nested: the final IPA then goes through stage 2.
+ *
+ * Robustness: every descriptor fetch is checked against the machine memory size, every
+ * context id against WK_MAX_CTX; no input makes this code read outside the memfd mapping.
+ *
+ * IOTLB: direct-mapped, one probe per hit. Entries are "fractured" to 4 KiB input pages
+ * (even for blocks and 16K/64K pages) and remember the leaf regions they came from (input
+ * side and IPA side) so invalidation by range / by IPA removes everything an architectural
+ * block entry would cover. Contexts carry a generation counter: redefining or invalidating a
+ * context is O(1). Faults are never cached; a hit whose permissions do not allow the access
+ * falls back to a full walk, so fault records are always exact.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define WK_MAX_CTX 1024u
+
+/* stage format flags (mirrored in __init__.py) */
+#define WK_F_S2 1u
+#define WK_F_CHECK_AF 2u
+#define WK_F_NS_CHECK 4u
+#define WK_F_APTABLE 8u
+
+/* fault kinds */
+#define K_TRANSLATION 1u
+#define K_ACCESS_FLAG 2u
+#define K_PERMISSION 3u
+#define K_ADDRESS_SIZE 4u
+#define K_WALK_ABORT 5u
+#define K_NS 6u
+
+#define ACC_R 1u
+#define ACC_W 2u
+
+#define FW(kind, stage, level) ((uint32_t)(kind) | ((uint32_t)(stage) << 4) | ((uint32_t)(level) << 8))
+#define FW_S1PTW (1u << 12)
+
+#define ADDR_47 0x0000FFFFFFFFFFFFull
+
+struct wk_stage {
+    uint64_t ttbr;
+    uint32_t ia_bits;
+    uint32_t start_level;
+    uint32_t granule;
+    uint32_t oa_bits;
+    uint32_t flags;
+};
+
+/* A stage with everything the walk loop needs precomputed. */
+struct stg {
+    uint64_t root;       /* root table base (TTBR aligned down to the root size) */
+    uint32_t ia_bits, oa_bits, g, sl, flags;
+    uint32_t stride;     /* index bits per level: g - 3 */
+    uint32_t bad;        /* inconsistent ia_bits/start level/concatenation: every access faults */
+    uint32_t ttbr_bad;   /* TTBR >= 2^oa_bits */
+};
+
+struct ctx {
+    struct stg s1, s2;
+    uint32_t gen;        /* 0 never matches; bumped on redefinition/invalidation */
+    uint32_t s2_id;
+    uint8_t defined, has_s1, has_s2;
+    uint8_t max_shift;   /* largest input leaf shift cached since the last generation bump */
+    uint64_t salt;       /* spreads contexts over the TLB */
+    /* nested: hull of the stage-1 table IPAs walked for cached entries since the last generation
+     * bump; an IPA invalidation overlapping it flushes the context (its stage-1 walks went
+     * through stage-2 translations that may have changed) */
+    uint64_t tbl_lo, tbl_hi;
+};
+
+struct tlbe {
+    uint64_t page;       /* input address >> 12 */
+    uint64_t out;        /* output MPA of that 4K page */
+    uint64_t ipa;        /* IPA of that 4K page (stage-2 input), for s2-derived entries */
+    uint32_t ctx;
+    uint32_t gen;
+    uint8_t perm;        /* accesses that succeed (R=1, W=2) */
+    uint8_t in_shift;    /* log2 of the input-side leaf region (stage-1 leaf, or stage-2 leaf for s2-only) */
+    uint8_t ipa_shift;   /* log2 of the stage-2 leaf region; 0 = no stage 2 */
+    uint8_t pad[5];
+};
+
+struct wk_walker {
+    const uint8_t *mem;
+    uint64_t size;
+    struct tlbe *tlb;
+    uint64_t mask;
+    int tlb_on;
+    uint64_t hits, misses, walks;
+    struct ctx ctx[WK_MAX_CTX];
+};
+
+struct wres {
+    uint64_t out;        /* output address on success */
+    uint64_t faddr;      /* faulting input address (IOVA or IPA) */
+    uint32_t perm;       /* allowed accesses of the leaf (with APTable) */
+    uint32_t shift;      /* leaf region log2 */
+    uint64_t tlo, thi;   /* nested stage 1: lowest/highest descriptor IPA fetched */
+};
+
+static inline uint32_t lvl_shift(uint32_t g, uint32_t l)
+{
+    return g + (3u - l) * (g - 3u);
+}
+
+static inline int block_allowed(uint32_t g, uint32_t l)
+{
+    if (g == 12)
+        return l == 1 || l == 2;
+    return l == 2;   /* 16K: 32M; 64K: 512M */
+}
+
+static void stage_setup(struct stg *s, const struct wk_stage *in, int is_stage2)
+{
+    uint32_t sh, root_bits, max_root;
+
+    memset(s, 0, sizeof(*s));
+    s->ia_bits = in->ia_bits;
+    s->oa_bits = in->oa_bits;
+    s->g = in->granule;
+    s->sl = in->start_level;
+    s->flags = in->flags;
+    s->stride = s->g - 3u;
+    if (s->g != 12 && s->g != 14 && s->g != 16)
+        s->g = 12, s->bad = 1;           /* Python validates; keep the C safe anyway */
+    if (s->sl > 3 || s->ia_bits < 1 || s->ia_bits > 48 || s->oa_bits < 1 || s->oa_bits > 48) {
+        s->sl = 3;
+        s->bad = 1;
+        return;
+    }
+    sh = lvl_shift(s->g, s->sl);
+    if (s->ia_bits < sh) {
+        s->bad = 1;
+        return;
+    }
+    root_bits = s->ia_bits - sh;
+    max_root = s->stride + (is_stage2 ? 4u : 0u);
+    if (root_bits > max_root) {
+        s->bad = 1;
+        return;
+    }
+    if (in->ttbr >> s->oa_bits)
+        s->ttbr_bad = 1;
+    s->root = in->ttbr & ~((8ull << root_bits) - 1ull);
+}
+
+static inline uint64_t load64(const struct wk_walker *w, uint64_t a)
+{
+    uint64_t v;
+    memcpy(&v, w->mem + a, 8);
+    return v;
+}
+
+/*
+ * Walk one stage. `s2` is non-NULL for the stage 1 of a nested context: each descriptor
+ * address is then an IPA translated (for a read) by a full stage-2 walk first.
+ * Returns 0 or a fault word; r->faddr is the address to report with the fault.
+ */
+static uint32_t walk_stage(const struct wk_walker *w, const struct stg *s, uint32_t stage, uint64_t ia,
+                           uint32_t acc, const struct stg *s2, struct wres *r)
+{
+    uint64_t table, idx, d, a;
+    uint32_t lvl, sh, wp = 1;
+    const uint32_t s2fmt = s->flags & WK_F_S2;
+    const uint32_t ns_check = !s2fmt && (s->flags & WK_F_NS_CHECK);
+    const uint32_t aptable = !s2fmt && (s->flags & WK_F_APTABLE);
+
+    r->faddr = ia;
+    r->tlo = ~0ull;
+    r->thi = 0;
+    if (s->bad || (ia >> s->ia_bits))
+        return FW(K_TRANSLATION, stage, 0);
+    if (s->ttbr_bad)
+        return FW(K_ADDRESS_SIZE, stage, 0);
+
+    lvl = s->sl;
+    sh = lvl_shift(s->g, lvl);
+    table = s->root;
+    idx = ia >> sh;                       /* the root index takes every remaining IA bit */
+    for (;;) {
+        a = table + (idx << 3);
+        if (s2) {
+            struct wres r2;
+            if (a < r->tlo)
+                r->tlo = a;
+            if (a > r->thi)
+                r->thi = a;
+            uint32_t f = walk_stage(w, s2, 2, a, ACC_R, NULL, &r2);
+            if (f) {
+                r->faddr = a;
+                return f | FW_S1PTW;
+            }
+            a = r2.out;
+        }
+        if (a > w->size - 8u)
+            return FW(K_WALK_ABORT, stage, lvl);
+        d = load64(w, a);
+        if (!(d & 1u))
+            return FW(K_TRANSLATION, stage, lvl);
+        if (lvl < 3 && (d & 2u)) {
+            /* table descriptor */
+            uint64_t next = d & ADDR_47 & ~((1ull << s->g) - 1ull);
+            if (next >> s->oa_bits)
+                return FW(K_ADDRESS_SIZE, stage, lvl);
+            if (ns_check && !(d >> 63))
+                return FW(K_NS, stage, lvl);
+            if (aptable && ((d >> 62) & 1u))
+                wp = 0;
+            table = next;
+            lvl++;
+            sh -= s->stride;
+            idx = (ia >> sh) & ((1ull << s->stride) - 1ull);
+            continue;
+        }
+        /* leaf: page (L3, 0b11) or block (L<3, 0b01) */
+        if (lvl == 3 ? !(d & 2u) : !block_allowed(s->g, lvl))
+            return FW(K_TRANSLATION, stage, lvl);
+        {
+            uint64_t oa = d & ADDR_47 & ~((1ull << sh) - 1ull);
+            uint32_t perm;
+            if (oa >> s->oa_bits)
+                return FW(K_ADDRESS_SIZE, stage, lvl);
+            if (ns_check && !((d >> 5) & 1u))
+                return FW(K_NS, stage, lvl);
+            if ((s->flags & WK_F_CHECK_AF) && !((d >> 10) & 1u))
+                return FW(K_ACCESS_FLAG, stage, lvl);
+            if (s2fmt)
+                perm = (uint32_t)(d >> 6) & 3u;                 /* S2AP: bit6 read, bit7 write */
+            else
+                perm = ACC_R | ((!((d >> 7) & 1u) && wp) ? ACC_W : 0u);   /* AP[2]=0: writable */
+            if ((perm & acc) != acc)
+                return FW(K_PERMISSION, stage, lvl);
+            r->out = oa | (ia & ((1ull << sh) - 1ull));
+            r->perm = perm;
+            r->shift = sh;
+            return 0;
+        }
+    }
+}
+
+/* Full translation of one address through a context; fills *e (minus tags) on success. */
+static uint32_t translate_one(const struct wk_walker *w, const struct ctx *c, uint64_t addr, uint32_t acc,
+                              uint64_t *out, struct tlbe *e, uint64_t *tlo, uint64_t *thi)
+{
+    struct wres r1, r2;
+    uint64_t ipa = addr;
+    uint32_t f, perm = ACC_R | ACC_W;
+
+    if (!c->defined) {
+        *out = addr;
+        return FW(K_TRANSLATION, 1, 0);
+    }
+    r1.shift = 0;
+    if (c->has_s1) {
+        f = walk_stage(w, &c->s1, 1, addr, acc, c->has_s2 ? &c->s2 : NULL, &r1);
+        if (f) {
+            *out = r1.faddr;
+            return f;
+        }
+        ipa = r1.out;
+        perm &= r1.perm;
+        *tlo = r1.tlo;
+        *thi = r1.thi;
+    }
+    if (c->has_s2) {
+        f = walk_stage(w, &c->s2, 2, ipa, acc, NULL, &r2);
+        if (f) {
+            *out = r2.faddr;
+            return f;
+        }
+        *out = r2.out;
+        perm &= r2.perm;
+        e->ipa = ipa & ~0xFFFull;
+        e->ipa_shift = (uint8_t)r2.shift;
+        e->in_shift = (uint8_t)(c->has_s1 ? r1.shift : r2.shift);
+    } else {
+        *out = ipa;
+        e->ipa = 0;
+        e->ipa_shift = 0;
+        e->in_shift = (uint8_t)r1.shift;
+    }
+    e->perm = (uint8_t)perm;
+    return 0;
+}
+
+static void wipe_tlb(struct wk_walker *w)
+{
+    uint64_t i;
+    for (i = 0; i <= w->mask; i++)
+        w->tlb[i].gen = 0;
+}
+
+static void bump_gen(struct wk_walker *w, struct ctx *c)
+{
+    c->max_shift = 12;
+    c->tbl_lo = ~0ull;
+    c->tbl_hi = 0;
+    if (++c->gen == 0) {
+        /* wrapped: old entries could match again, drop everything (over-invalidation is fine) */
+        wipe_tlb(w);
+        c->gen = 1;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* exported API                                                                             */
+
+struct wk_walker *wk_new(uintptr_t mem, uint64_t size, uint64_t tlb_entries)
+{
+    struct wk_walker *w;
+    uint64_t n = 1, i;
+
+    if (!mem || size < 8)
+        return NULL;
+    while (n < tlb_entries && n < (1ull << 24))
+        n <<= 1;
+    w = calloc(1, sizeof(*w));
+    if (!w)
+        return NULL;
+    w->tlb = calloc(n, sizeof(struct tlbe));
+    if (!w->tlb) {
+        free(w);
+        return NULL;
+    }
+    w->mem = (const uint8_t *)mem;
+    w->size = size;
+    w->mask = n - 1;
+    w->tlb_on = 1;
+    for (i = 0; i < WK_MAX_CTX; i++) {
+        w->ctx[i].gen = 1;
+        w->ctx[i].tbl_lo = ~0ull;
+        w->ctx[i].max_shift = 12;
+        w->ctx[i].salt = (i * 0x9E3779B97F4A7C15ull) >> 40;
+    }
+    return w;
+}
+
+void wk_free(struct wk_walker *w)
+{
+    if (w) {
+        free(w->tlb);
+        free(w);
+    }
+}
+
+int wk_set_context(struct wk_walker *w, uint32_t ctx_id, const struct wk_stage *s1, const struct wk_stage *s2,
+                   uint32_t s2_id)
+{
+    struct ctx *c;
+    if (ctx_id >= WK_MAX_CTX)
+        return -1;
+    c = &w->ctx[ctx_id];
+    c->has_s1 = s1 != NULL;
+    c->has_s2 = s2 != NULL;
+    c->defined = c->has_s1 || c->has_s2;
+    c->s2_id = s2_id;
+    if (s1)
+        stage_setup(&c->s1, s1, 0);
+    if (s2)
+        stage_setup(&c->s2, s2, 1);
+    bump_gen(w, c);
+    return 0;
+}
+
+void wk_translate(struct wk_walker *w, uint32_t ctx_id, const uint64_t *addrs, const uint8_t *accs, uint32_t acc_all,
+                  uint64_t n, uint64_t *out, uint32_t *fault)
+{
+    static const struct ctx undefined_ctx;   /* zeroed: defined = 0 */
+    const struct ctx *c = ctx_id < WK_MAX_CTX ? &w->ctx[ctx_id] : &undefined_ctx;
+    const int tlb_on = w->tlb_on && c->defined;
+    const uint32_t gen = c->gen;
+    const uint64_t salt = c->salt, mask = w->mask;
+    struct tlbe *tlb = w->tlb;
+    uint64_t i, hits = 0, misses = 0, walks = 0;
+    uint32_t maxsh = c->defined ? w->ctx[ctx_id].max_shift : 12;
+
+    for (i = 0; i < n; i++) {
+        const uint64_t a = addrs[i];
+        const uint32_t acc = (accs ? accs[i] : acc_all) & 3u;
+        const uint64_t page = a >> 12;
+        struct tlbe *e = &tlb[(page + salt) & mask];
+        struct tlbe ne;
+        uint64_t tlo = ~0ull, thi = 0;
+        uint32_t f;
+
+        if (tlb_on) {
+            if (e->page == page && e->gen == gen && e->ctx == ctx_id && (e->perm & acc) == acc) {
+                out[i] = e->out | (a & 0xFFFull);
+                fault[i] = 0;
+                hits++;
+                continue;
+            }
+            misses++;
+        }
+        walks++;
+        f = translate_one(w, c, a, acc, &out[i], &ne, &tlo, &thi);
+        fault[i] = f;
+        if (!f && tlb_on) {
+            ne.page = page;
+            ne.out = out[i] & ~0xFFFull;
+            ne.ctx = ctx_id;
+            ne.gen = gen;
+            *e = ne;
+            if (ne.in_shift > maxsh)
+                maxsh = ne.in_shift;
+            if (tlo <= thi) {
+                struct ctx *wc = &w->ctx[ctx_id];
+                if (tlo < wc->tbl_lo)
+                    wc->tbl_lo = tlo;
+                if (thi > wc->tbl_hi)
+                    wc->tbl_hi = thi;
+            }
+        }
+    }
+    if (tlb_on)
+        w->ctx[ctx_id].max_shift = (uint8_t)maxsh;
+    w->hits += hits;
+    w->misses += misses;
+    w->walks += walks;
+}
+
+void wk_invalidate_all(struct wk_walker *w)
+{
+    uint32_t i;
+    for (i = 0; i < WK_MAX_CTX; i++)
+        bump_gen(w, &w->ctx[i]);
+}
+
+void wk_invalidate_context(struct wk_walker *w, uint32_t ctx_id)
+{
+    if (ctx_id < WK_MAX_CTX)
+        bump_gen(w, &w->ctx[ctx_id]);
+}
+
+static inline int overlaps(uint64_t base, uint32_t shift, uint64_t start, uint64_t end)
+{
+    uint64_t lo = base & ~((1ull << shift) - 1ull);
+    uint64_t hi = lo + (1ull << shift) - 1ull;   /* inclusive: no overflow for < 2^64 regions */
+    return lo <= end && hi >= start;
+}
+
+/* end is inclusive (start + length - 1, saturated) so a range reaching 2^64 still works. */
+void wk_invalidate_range(struct wk_walker *w, uint32_t ctx_id, uint64_t start, uint64_t end)
+{
+    struct ctx *c;
+    uint64_t i;
+
+    if (ctx_id >= WK_MAX_CTX || end < start)
+        return;
+    c = &w->ctx[ctx_id];
+    if (c->max_shift <= 12 && ((end >> 12) - (start >> 12)) < 64) {
+        /* only 4K leaves cached: probe the pages */
+        uint64_t p;
+        for (p = start >> 12; p <= (end >> 12); p++) {
+            struct tlbe *e = &w->tlb[(p + c->salt) & w->mask];
+            if (e->page == p && e->ctx == ctx_id)
+                e->gen = 0;
+        }
+        return;
+    }
+    for (i = 0; i <= w->mask; i++) {
+        struct tlbe *e = &w->tlb[i];
+        if (e->ctx == ctx_id && e->gen == c->gen && overlaps(e->page << 12, e->in_shift, start, end))
+            e->gen = 0;
+    }
+}
+
+void wk_invalidate_ipa(struct wk_walker *w, uint32_t s2_id, uint64_t start, uint64_t end)
+{
+    uint64_t i;
+    uint32_t k;
+    if (end < start)
+        return;
+    for (k = 0; k < WK_MAX_CTX; k++) {
+        struct ctx *c = &w->ctx[k];
+        if (c->has_s1 && c->has_s2 && c->s2_id == s2_id && c->tbl_lo <= end && c->tbl_hi >= start)
+            bump_gen(w, c);
+    }
+    for (i = 0; i <= w->mask; i++) {
+        struct tlbe *e = &w->tlb[i];
+        const struct ctx *c;
+        if (!e->gen || !e->ipa_shift || e->ctx >= WK_MAX_CTX)
+            continue;
+        c = &w->ctx[e->ctx];
+        if (e->gen == c->gen && c->has_s2 && c->s2_id == s2_id && overlaps(e->ipa, e->ipa_shift, start, end))
+            e->gen = 0;
+    }
+}
+
+void wk_stats(const struct wk_walker *w, uint64_t *out3)
+{
+    out3[0] = w->hits;
+    out3[1] = w->misses;
+    out3[2] = w->walks;
+}
+
+void wk_reset_stats(struct wk_walker *w)
+{
+    w->hits = w->misses = w->walks = 0;
+}
+
+void wk_set_tlb(struct wk_walker *w, int on)
+{
+    w->tlb_on = on != 0;
+}
+
+int wk_get_tlb(const struct wk_walker *w)
+{
+    return w->tlb_on;
+}
+
+/*
+ * Bench-only floor: follow a chain of `loads` dependent 64-bit loads (each node holds the
+ * offset of the next), `reps` times. Returns the last offset so the loop is not optimised out.
+ */
+uint64_t wk_bench_chase(const struct wk_walker *w, uint64_t start, uint64_t loads, uint64_t reps)
+{
+    uint64_t r, k, p = start;
+    for (r = 0; r < reps; r++) {
+        p = start;
+        for (k = 0; k < loads; k++) {
+            if (p > w->size - 8u)
+                return p;
+            p = load64(w, p);
+        }
+    }
+    return p;
+}
