@@ -1,16 +1,34 @@
 """The emulated backend: unicorn x86-64, started in 32-bit mode at the PVH entry.
 
 Unicorn splits an 8-byte MMIO access into two 4-byte callbacks while KVM delivers one 8-byte
-exit. The memory hook sees the whole access first, so it dispatches to the bus with the real
-width; the split MMIO callbacks then only hand back the halves of the value already read
-(writes are dropped there). Devices therefore see the same accesses on both backends.
+exit, but its memory hook sees every access whole, before it happens. So the pages of bus
+devices are backed by host memory of our own: the memory hook performs the access on the bus
+with its real width and, for a read, drops the value into the backing page, from which the
+guest's load then reads it. One Python callback per access, and devices see the same accesses
+on both backends. The rest of the space below 4 GiB is ``mmio_map``-ed (unclaimed accesses:
+reads 0), where the hook does the access and the split callbacks only hand back the halves.
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
 import struct
 
-from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INTR, UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE, UC_MODE_32
-from unicorn import UC_MEM_WRITE, UC_PROT_ALL, Uc, UcError
+from unicorn import (
+    UC_ARCH_X86,
+    UC_HOOK_INSN,
+    UC_HOOK_INTR,
+    UC_HOOK_MEM_READ,
+    UC_HOOK_MEM_WRITE,
+    UC_MEM_WRITE,
+    UC_MODE_32,
+    UC_PROT_ALL,
+    UC_PROT_READ,
+    UC_PROT_WRITE,
+    Uc,
+    UcError,
+)
+from unicorn.unicorn_py3.unicorn import HOOK_MEM_ACCESS_CFUNC, uclib
 from unicorn.x86_const import (
     UC_X86_INS_IN,
     UC_X86_INS_OUT,
@@ -21,36 +39,50 @@ from unicorn.x86_const import (
     UC_X86_REG_DS,
     UC_X86_REG_EBX,
     UC_X86_REG_EFLAGS,
+    UC_X86_REG_EIP,
     UC_X86_REG_ES,
+    UC_X86_REG_ESP,
     UC_X86_REG_FS,
     UC_X86_REG_GDTR,
     UC_X86_REG_GS,
     UC_X86_REG_IDTR,
     UC_X86_REG_MSR,
-    UC_X86_REG_EIP,
-    UC_X86_REG_ESP,
     UC_X86_REG_SS,
 )
 
 from vmm.backends import EXIT_CRASHED, EXIT_HALTED, EXIT_TIMEOUT, RunResult
 
+_PACK = {n: struct.Struct(f).pack_into for n, f in ((1, "<B"), (2, "<H"), (4, "<I"), (8, "<Q"))}
+_MASK = {n: (1 << (8 * n)) - 1 for n in (1, 2, 4, 8)}
 BOOT_GDT = 0x5000        # below hvm_start_info; the payload loads its own GDT at once
 FOUR_GIB = 1 << 32
 PAGE = 4096
 
 
-def _mmio_windows(ram: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Everything below 4 GiB that is not RAM goes to the MMIO bus (which answers unclaimed)."""
-    windows, cursor = [], 0
-    for start, size in sorted(ram):
-        if start >= FOUR_GIB:
+def _page_cover(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Merge ranges into page-aligned, non-overlapping (start, size) spans."""
+    spans: list[list[int]] = []
+    for start, size in sorted(ranges):
+        lo, hi = start & ~(PAGE - 1), (start + size + PAGE - 1) & ~(PAGE - 1)
+        if spans and lo <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], hi)
+        else:
+            spans.append([lo, hi])
+    return [(lo, hi - lo) for lo, hi in spans]
+
+
+def _gaps(taken: list[tuple[int, int]], limit: int = FOUR_GIB) -> list[tuple[int, int]]:
+    """What is left of [0, limit) once the (sorted, disjoint) taken spans are removed."""
+    gaps, cursor = [], 0
+    for start, size in sorted(taken):
+        if start >= limit:
             break
         if start > cursor:
-            windows.append((cursor, start - cursor))
+            gaps.append((cursor, start - cursor))
         cursor = max(cursor, start + size)
-    if cursor < FOUR_GIB:
-        windows.append((cursor, FOUR_GIB - cursor))
-    return windows
+    if cursor < limit:
+        gaps.append((cursor, limit - cursor))
+    return gaps
 
 
 class EmulatedBackend:
@@ -64,9 +96,20 @@ class EmulatedBackend:
             uc.mem_map_ptr(r.gpa, r.size, UC_PROT_ALL, r.host)
         self._pending = 0           # value of the access the memory hook already performed
         self.exception: int | None = None
-        for base, size in _mmio_windows(ram):
+        self._hook_error: BaseException | None = None
+        self._cfuncs: list = []     # keep the ctypes trampolines alive
+        devices = [s for s in _page_cover([(start, size) for start, size, _ in machine.mmio.ranges()])
+                   if s[0] + s[1] <= FOUR_GIB and not any(r[0] < s[0] + s[1] and s[0] < r[0] + r[1] for r in ram)]
+        self._backing = []
+        for base, size in devices:
+            backing = mmap.mmap(-1, size)
+            self._backing.append(backing)
+            uc.mem_map_ptr(base, size, UC_PROT_READ | UC_PROT_WRITE,
+                           ctypes.addressof(ctypes.c_char.from_buffer(backing)))
+            self._raw_mem_hook(self._backed_hook(base, memoryview(backing)), base, base + size - 1)
+        for base, size in _gaps(sorted(ram + devices)):
             uc.mmio_map(base, size, self._mmio_read_half, None, self._mmio_write_half, None)
-            uc.hook_add(UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE, self._mem_hook, None, base, base + size - 1)
+            self._raw_mem_hook(self._gap_hook, base, base + size - 1)
         uc.hook_add(UC_HOOK_INSN, self._in, None, 1, 0, UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, UC_X86_INS_OUT)
         uc.hook_add(UC_HOOK_INTR, self._intr)
@@ -77,9 +120,45 @@ class EmulatedBackend:
             self.machine.on_stop.remove(self._stop)
 
     # -- hooks ------------------------------------------------------------------------------
-    def _mem_hook(self, uc, access, addr, size, value, ud):
+    def _raw_mem_hook(self, trampoline, begin: int, end: int) -> None:
+        """A memory hook registered through unicorn's C API: the Python binding's wrapper layers
+        double the cost of every MMIO access. Trampolines keep exceptions (``_fail``) and they are
+        re-raised after the run, as the binding does, instead of being lost inside ctypes."""
+        cfunc = HOOK_MEM_ACCESS_CFUNC(trampoline)
+        handle = ctypes.c_size_t()
+        err = uclib.uc_hook_add(self.uc._uch, ctypes.byref(handle), UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE,
+                                ctypes.cast(cfunc, ctypes.c_void_p), None, ctypes.c_uint64(begin), ctypes.c_uint64(end))
+        if err:
+            raise UcError(err)
+        self._cfuncs.append(cfunc)
+
+    def _fail(self, e: BaseException) -> None:
+        if self._hook_error is None:
+            self._hook_error = e
+        self.uc.emu_stop()
+
+    def _backed_hook(self, base: int, view: memoryview):
+        m = self.machine
+
+        def trampoline(uch, access, addr, size, value, ud):
+            try:
+                if access == UC_MEM_WRITE:
+                    m.mmio_write(addr, size, value & _MASK[size])
+                else:
+                    _PACK[size](view, addr - base, m.mmio_read(addr, size))
+            except BaseException as e:        # noqa: BLE001 - re-raised once emu_start returns
+                self._fail(e)
+        return trampoline
+
+    def _gap_hook(self, uch, access, addr, size, value, ud):
+        try:
+            self._mem_hook(access, addr, size, value)
+        except BaseException as e:            # noqa: BLE001 - re-raised once emu_start returns
+            self._fail(e)
+
+    def _mem_hook(self, access, addr, size, value):
         if access == UC_MEM_WRITE:
-            self.machine.mmio_write(addr, size, value)
+            self.machine.mmio_write(addr, size, value & ((1 << (8 * size)) - 1))
         else:
             self._pending = self.machine.mmio_read(addr, size)
 
@@ -120,7 +199,8 @@ class EmulatedBackend:
 
     def describe_cpu(self) -> str:
         uc = self.uc
-        return (f"RIP={uc.reg_read(UC_X86_REG_EIP):#x} RSP={uc.reg_read(UC_X86_REG_ESP):#x} "  # low 32 bits: unicorn in 32-bit mode
+        # EIP/ESP: unicorn in 32-bit mode answers only the 32-bit registers (payloads live below 4 GiB)
+        return (f"RIP={uc.reg_read(UC_X86_REG_EIP):#x} RSP={uc.reg_read(UC_X86_REG_ESP):#x} "
 
                 f"CR0={uc.reg_read(UC_X86_REG_CR0):#x} CR3={uc.reg_read(UC_X86_REG_CR3):#x} "
                 f"CR4={uc.reg_read(UC_X86_REG_CR4):#x} EFER={uc.reg_read(UC_X86_REG_MSR, 0xC0000080):#x}")
@@ -130,6 +210,8 @@ class EmulatedBackend:
         self._enter_pvh(entry, start_info)
         try:
             self.uc.emu_start(entry, 0xFFFFFFFFFFFFFFFF, timeout=int(timeout * 1e6) if timeout else 0)
+            if self._hook_error is not None:
+                raise self._hook_error
         except UcError as e:
             if m.stop_status is not None:
                 return RunResult(m.stop_status, "exit", self.name)
@@ -160,6 +242,6 @@ class EmulatedBackend:
         _, idt_base, idt_limit, _ = self.uc.reg_read(UC_X86_REG_IDTR)
         cpu = self.describe_cpu()
         if vec * 16 + 15 > idt_limit:
-            return RunResult(EXIT_CRASHED, "triple-fault", self.name,
-                             f"guest triple-faulted: exception {vec} with no IDT entry (IDT limit {idt_limit:#x}) ({cpu})")
+            return RunResult(EXIT_CRASHED, "triple-fault", self.name, f"guest triple-faulted: exception {vec} "
+                             f"with no IDT entry (IDT limit {idt_limit:#x}) ({cpu})")
         return RunResult(EXIT_CRASHED, "error", self.name, f"guest took CPU exception {vec} ({cpu})")
