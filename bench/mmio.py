@@ -119,11 +119,18 @@ def kvm_floor(n: int, floor) -> float:
 
 
 def emulated_floor(n: int) -> float:
-    from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_32, UC_PROT_ALL, Uc
-    from unicorn.x86_const import UC_X86_INS_OUT, UC_X86_REG_CS, UC_X86_REG_DS, UC_X86_REG_EBX, UC_X86_REG_ES
-    from unicorn.x86_const import UC_X86_REG_GDTR, UC_X86_REG_SS
-
     import struct
+
+    from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_32, UC_PROT_ALL, Uc
+    from unicorn.x86_const import (
+        UC_X86_INS_OUT,
+        UC_X86_REG_CS,
+        UC_X86_REG_DS,
+        UC_X86_REG_EBX,
+        UC_X86_REG_ES,
+        UC_X86_REG_GDTR,
+        UC_X86_REG_SS,
+    )
     m, img, si = machine(n)
     uc = Uc(UC_ARCH_X86, UC_MODE_32)
     for r in m.dom0.ram.ranges:

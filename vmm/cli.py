@@ -57,8 +57,8 @@ def cmd_boards(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from vmm.machine import ram_ranges
     from vmm.board import load_board
+    from vmm.machine import ram_ranges
     board = load_board(args.board)
     img = load_image(find_image(args.image), ram_ranges(board.ram))
     print(img.describe())

@@ -17,7 +17,7 @@ from vmm.guestram import GuestRam
 from vmm.irq import IrqController
 from vmm.memory import PAGE, MachineMemory
 from vmm.p2m import P2M
-from vmm.walker import PERMISSION, R, W, Fault, Walker
+from vmm.walker import PERMISSION, Fault, R, W, Walker
 from vmm.wiring import BuildContext
 
 log = logging.getLogger("vmm")

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from vmm.memory import PAGE, MachineMemory
 from vmm.p2m_tables import PageTable
-from vmm.walker import F_S2, PERMISSION, R, W, Stage, Walker
+from vmm.walker import F_S2, PERMISSION, R, Stage, W, Walker
 
 IPA_BITS = 40
 START_LEVEL = 1
