@@ -97,6 +97,24 @@ def test_invalidating_one_page_drops_the_whole_block() -> None:
     assert list(out) == [p + 0x400000 for p in pages]
 
 
+def test_invalidating_one_ipa_drops_the_whole_stage2_block() -> None:
+    rig = Rig(wire=False)
+    w = rig.walkers[0]
+    for i in range(16):
+        rig.s1.map(i << 12, 0x400000 + (i << 16), 4096, R | W)     # IPAs spread over the 2M block
+    iovas = array("Q", [i << 12 for i in range(16)])
+    ipas = array("Q", [0x400000 + (i << 16) for i in range(16)])
+    w.translate(3, iovas, R)
+    w.translate(2, ipas, R)
+    rig.p2m.unmap(0x400000, 2 * MiB)
+    rig.p2m.map(0x400000, 0xC00000, 2 * MiB, R | W)
+    w.invalidate_ipa(3, 0x400000 + 0x1000, 8)     # a few bytes of the block: the whole entry goes
+    for ctx, addrs in ((3, iovas), (2, ipas)):
+        out, fault = w.translate(ctx, addrs, R)
+        assert list(fault) == [0] * 16
+        assert list(out) == [0xC00000 + (i << 16) for i in range(16)]
+
+
 def test_invalidate_ipa_drops_combined_and_s2_entries() -> None:
     rig = Rig(wire=False)
     w = rig.walkers[0]
@@ -172,7 +190,7 @@ def test_translate_range_coalesces_and_reports_first_fault() -> None:
     rig.s1.map(0x10000, 0x200000, 4096, R | W)
     rig.s1.map(0x11000, 0x201000, 4096, R | W)
     rig.s1.map(0x12000, 0x500000, 4096, R)
-    assert w.translate_range(1, 0x10ff0, 0x1020, R) == [(0x200ff0, 0x1020)]
+    assert w.translate_range(1, 0x10ff0, 0x1010, R) == [(0x200ff0, 0x1010)]
     assert w.translate_range(1, 0x10800, 0x2000, R) == [(0x200800, 0x1800), (0x500000, 0x800)]
     f = w.translate_range(1, 0x10800, 0x2000, W)
     assert (f.kind, f.address) == (PERMISSION, 0x12000)
@@ -198,7 +216,9 @@ def test_random_edits_never_leave_stale_entries(ops) -> None:
         pt = rig.s1 if target == "s1" else rig.p2m
         if size == 1 << 30 and target == "s2":
             size = 2 * MiB
-        ia = (slot * 4096 * 37) & ~(size - 1) if size < 1 << 30 else (slot % 3) << 30
+        # stage-2 edits also reach the pool at 8 MiB+, where the stage-1 tables live
+        stride = 4096 * (37 if target == "s1" else 79)
+        ia = (slot * stride) & ~(size - 1) if size < 1 << 30 else (slot % 3) << 30
         oa = ((oslot * 0x53000) & ~(size - 1)) % (32 * MiB) if size < 1 << 30 else 1 << 30
         try:
             if op == "map":

@@ -11,7 +11,7 @@ IOTLBs (``Walker.invalidate_ipa``/``invalidate_range``) and remap the CPU view.
 from __future__ import annotations
 
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 R, W = 1, 2
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 from array import array
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 R, W = 1, 2
 
@@ -130,10 +130,27 @@ def coalesce_range(addr: int, length: int, granule: int, out: Sequence[int]) -> 
     return runs
 
 
-def _as_addrs(addrs: Iterable[int]) -> array:
+def as_addrs(addrs: Iterable[int]) -> array:
+    """addrs as array('Q'); values outside 0..2^64-1 become 2^64-1, which faults (never raises)."""
     if isinstance(addrs, array) and addrs.typecode == "Q":
         return addrs
-    return array("Q", addrs)
+    if not isinstance(addrs, (list, tuple, array, range)):
+        addrs = list(addrs)
+    try:
+        return array("Q", addrs)
+    except OverflowError:
+        return array("Q", (a if 0 <= a <= _U64 else _U64 for a in addrs))
+
+
+def as_access(access: Sequence[int], n: int) -> array:
+    """Per-address access bits as array('B') (only R|W matter)."""
+    if isinstance(access, array) and access.typecode == "B":
+        acc = access
+    else:
+        acc = array("B", (x & 3 for x in access))
+    if len(acc) != n:
+        raise ValueError(f"access has {len(acc)} entries for {n} addresses")
+    return acc
 
 
 # -- the compiled module ----------------------------------------------------------------------
@@ -147,9 +164,10 @@ def _load_lib():
         pass
     import fcntl
     import importlib
+    import tempfile
 
     here = os.path.dirname(os.path.abspath(__file__))
-    with open(os.path.join(here, ".build.lock"), "w") as lock:
+    with open(os.path.join(tempfile.gettempdir(), "iommu-lab-walker-build.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             from vmm.walker import _walker  # type: ignore[attr-defined]
@@ -198,7 +216,7 @@ class Walker:
         if not 0 <= s2_id < 1 << 32:
             raise ValueError(f"s2_id {s2_id} is not a 32-bit value")
         ptrs = []
-        for st, buf in zip((s1, s2), self._stage_buf):
+        for st, buf in zip((s1, s2), self._stage_buf, strict=True):
             if st is None:
                 ptrs.append(ffi.NULL)
                 continue
@@ -216,7 +234,7 @@ class Walker:
     # -- translation -----------------------------------------------------------------------
     def translate(self, ctx_id: int, addrs: Iterable[int], access: int | Sequence[int]) -> tuple[array, array]:
         """Translate a batch in one C call; never raises for bad addresses (they fault)."""
-        a = _as_addrs(addrs)
+        a = as_addrs(addrs)
         n = len(a)
         out = array("Q", [0]) * n
         fault = array("I", [0]) * n
@@ -225,10 +243,7 @@ class Walker:
         if isinstance(access, int):
             accp, acc_all = ffi.NULL, access & 3
         else:
-            acc = access if isinstance(access, array) and access.typecode == "B" else array("B", access)
-            if len(acc) != n:
-                raise ValueError("access array length differs from addrs")
-            accp, acc_all = ffi.from_buffer("uint8_t[]", acc), 0
+            accp, acc_all = ffi.from_buffer("uint8_t[]", as_access(access, n)), 0
         cid = ctx_id if 0 <= ctx_id < MAX_CONTEXTS else 0xFFFFFFFF
         lib.wk_translate(self._w, cid, ffi.from_buffer("uint64_t[]", a), accp, acc_all, n,
                          ffi.from_buffer("uint64_t[]", out), ffi.from_buffer("uint32_t[]", fault))
@@ -236,7 +251,7 @@ class Walker:
 
     def translate1(self, ctx_id: int, addr: int, access: int) -> int | Fault:
         """One address (slow path for tests and rare accesses): the MPA or a Fault."""
-        out, fault = self.translate(ctx_id, array("Q", [addr & _U64]), access)
+        out, fault = self.translate(ctx_id, as_addrs([addr]), access)
         return out[0] if fault[0] == 0 else decode_fault(fault[0], out[0])
 
     def decode(self, fault_word: int, address: int) -> Fault:

@@ -10,8 +10,8 @@ can run against it too; it follows the same invalidation contract as the C one.
 from __future__ import annotations
 
 from array import array
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from vmm.walker import (
     ACCESS_FLAG,
@@ -27,6 +27,8 @@ from vmm.walker import (
     WALK_ABORT,
     Fault,
     Stage,
+    as_access,
+    as_addrs,
     coalesce_range,
     decode_fault,
     range_pages,
@@ -213,12 +215,10 @@ class ReferenceWalker:
     # -- public API (same as Walker) -------------------------------------------------------
     def translate(self, ctx_id: int, addrs: Iterable[int], access: int | Sequence[int]) -> tuple[array, array]:
         """Translate a batch; never raises for bad addresses."""
-        addrs = list(addrs)
-        accs = [access & 3] * len(addrs) if isinstance(access, int) else [a & 3 for a in access]
-        if len(accs) != len(addrs):
-            raise ValueError("access array length differs from addrs")
+        addrs = as_addrs(addrs)
+        accs = [access & 3] * len(addrs) if isinstance(access, int) else list(as_access(access, len(addrs)))
         out, fault = array("Q"), array("I")
-        for a, acc in zip(addrs, accs):
+        for a, acc in zip(addrs, accs, strict=True):
             o, f = self._one(ctx_id, a, acc)
             out.append(o)
             fault.append(f)
@@ -226,10 +226,11 @@ class ReferenceWalker:
 
     def translate1(self, ctx_id: int, addr: int, access: int) -> int | Fault:
         """One address: the MPA or a Fault."""
-        out, fault = self._one(ctx_id, addr, access & 3)
+        out, fault = self._one(ctx_id, as_addrs([addr])[0], access & 3)
         return out if fault == 0 else decode_fault(fault, out)
 
     def decode(self, fault_word: int, address: int) -> Fault:
+        """Turn a fault word and its reported address into a Fault."""
         return decode_fault(fault_word, address)
 
     def translate_range(self, ctx_id: int, addr: int, length: int, access: int) -> list[tuple[int, int]] | Fault:
@@ -238,7 +239,7 @@ class ReferenceWalker:
         gran = min(g.st.granule for g in ctx[:2] if g is not None) if ctx else 12
         pages = range_pages(addr, length, gran)
         out, fault = self.translate(ctx_id, pages, access)
-        for o, f in zip(out, fault):
+        for o, f in zip(out, fault, strict=True):
             if f:
                 return decode_fault(f, o)
         return coalesce_range(addr, length, gran, out)
@@ -284,6 +285,7 @@ class ReferenceWalker:
         self._drop(hit)
 
     def stats(self) -> dict:
+        """hits/misses of the dict TLB and full walks, like the C counters."""
         return {"hits": self._hits, "misses": self._misses, "walks": self._walks}
 
     def reset_stats(self) -> None:

@@ -77,17 +77,20 @@ struct ctx {
     uint64_t tbl_lo, tbl_hi;
 };
 
+/* 32 bytes: two entries per cache line. Page-aligned addresses carry small fields in bits 11:0. */
 struct tlbe {
     uint64_t page;       /* input address >> 12 */
-    uint64_t out;        /* output MPA of that 4K page */
-    uint64_t ipa;        /* IPA of that 4K page (stage-2 input), for s2-derived entries */
-    uint32_t ctx;
-    uint32_t gen;
-    uint8_t perm;        /* accesses that succeed (R=1, W=2) */
-    uint8_t in_shift;    /* log2 of the input-side leaf region (stage-1 leaf, or stage-2 leaf for s2-only) */
-    uint8_t ipa_shift;   /* log2 of the stage-2 leaf region; 0 = no stage 2 */
-    uint8_t pad[5];
+    uint64_t tag;        /* gen << 32 | ctx; gen 0 never matches (invalid entry) */
+    uint64_t out;        /* output MPA of that 4K page | perm (bits 1:0, R=1 W=2) | input leaf shift << 2 */
+    uint64_t ipa;        /* IPA of that 4K page | stage-2 leaf shift (bits 5:0; 0 = no stage 2) */
 };
+#define TAG(gen, ctx) (((uint64_t)(gen) << 32) | (uint64_t)(ctx))
+#define TAG_GEN(t) ((uint32_t)((t) >> 32))
+#define TAG_CTX(t) ((uint32_t)(t))
+#define E_PERM(e) ((uint32_t)(e)->out & 3u)
+#define E_INSHIFT(e) ((uint32_t)((e)->out >> 2) & 63u)
+#define E_IPASHIFT(e) ((uint32_t)(e)->ipa & 63u)
+#define PAGE_BITS(x) ((x) & ~0xFFFull)
 
 struct wk_walker {
     const uint8_t *mem;
@@ -279,16 +282,13 @@ static uint32_t translate_one(const struct wk_walker *w, const struct ctx *c, ui
         }
         *out = r2.out;
         perm &= r2.perm;
-        e->ipa = ipa & ~0xFFFull;
-        e->ipa_shift = (uint8_t)r2.shift;
-        e->in_shift = (uint8_t)(c->has_s1 ? r1.shift : r2.shift);
+        e->ipa = PAGE_BITS(ipa) | r2.shift;
+        e->out = PAGE_BITS(r2.out) | perm | ((uint64_t)(c->has_s1 ? r1.shift : r2.shift) << 2);
     } else {
         *out = ipa;
         e->ipa = 0;
-        e->ipa_shift = 0;
-        e->in_shift = (uint8_t)r1.shift;
+        e->out = PAGE_BITS(ipa) | perm | ((uint64_t)r1.shift << 2);
     }
-    e->perm = (uint8_t)perm;
     return 0;
 }
 
@@ -296,7 +296,7 @@ static void wipe_tlb(struct wk_walker *w)
 {
     uint64_t i;
     for (i = 0; i <= w->mask; i++)
-        w->tlb[i].gen = 0;
+        w->tlb[i].tag = 0;
 }
 
 static void bump_gen(struct wk_walker *w, struct ctx *c)
@@ -371,61 +371,68 @@ int wk_set_context(struct wk_walker *w, uint32_t ctx_id, const struct wk_stage *
     return 0;
 }
 
+/* The miss path: full walk, then (TLB on, success) fill the slot. Kept out of the hit loop. */
+static __attribute__((noinline)) void miss(struct wk_walker *w, uint32_t ctx_id, const struct ctx *c, int tlb_on,
+                                           uint64_t a, uint32_t acc, struct tlbe *slot, uint64_t *out,
+                                           uint32_t *fault)
+{
+    struct tlbe ne;
+    uint64_t tlo = ~0ull, thi = 0;
+    uint32_t f = translate_one(w, c, a, acc, out, &ne, &tlo, &thi);
+
+    *fault = f;
+    if (f || !tlb_on)
+        return;
+    {
+        struct ctx *wc = &w->ctx[ctx_id];
+        ne.page = a >> 12;
+        ne.tag = TAG(wc->gen, ctx_id);
+        *slot = ne;
+        if (E_INSHIFT(&ne) > wc->max_shift)
+            wc->max_shift = (uint8_t)E_INSHIFT(&ne);
+        if (tlo <= thi) {
+            if (tlo < wc->tbl_lo)
+                wc->tbl_lo = tlo;
+            if (thi > wc->tbl_hi)
+                wc->tbl_hi = thi;
+        }
+    }
+}
+
 void wk_translate(struct wk_walker *w, uint32_t ctx_id, const uint64_t *addrs, const uint8_t *accs, uint32_t acc_all,
                   uint64_t n, uint64_t *out, uint32_t *fault)
 {
     static const struct ctx undefined_ctx;   /* zeroed: defined = 0 */
     const struct ctx *c = ctx_id < WK_MAX_CTX ? &w->ctx[ctx_id] : &undefined_ctx;
     const int tlb_on = w->tlb_on && c->defined;
-    const uint32_t gen = c->gen;
+    const uint64_t tag = TAG(c->gen, ctx_id);
     const uint64_t salt = c->salt, mask = w->mask;
     struct tlbe *tlb = w->tlb;
-    uint64_t i, hits = 0, misses = 0, walks = 0;
-    uint32_t maxsh = c->defined ? w->ctx[ctx_id].max_shift : 12;
+    uint64_t i, hits = 0;
 
+    if (!tlb_on) {
+        for (i = 0; i < n; i++)
+            miss(w, ctx_id, c, 0, addrs[i], (accs ? accs[i] : acc_all) & 3u, NULL, &out[i], &fault[i]);
+        w->walks += n;
+        return;
+    }
     for (i = 0; i < n; i++) {
         const uint64_t a = addrs[i];
         const uint32_t acc = (accs ? accs[i] : acc_all) & 3u;
         const uint64_t page = a >> 12;
         struct tlbe *e = &tlb[(page + salt) & mask];
-        struct tlbe ne;
-        uint64_t tlo = ~0ull, thi = 0;
-        uint32_t f;
 
-        if (tlb_on) {
-            if (e->page == page && e->gen == gen && e->ctx == ctx_id && (e->perm & acc) == acc) {
-                out[i] = e->out | (a & 0xFFFull);
-                fault[i] = 0;
-                hits++;
-                continue;
-            }
-            misses++;
+        if (__builtin_expect(e->page == page && e->tag == tag && (E_PERM(e) & acc) == acc, 1)) {
+            out[i] = PAGE_BITS(e->out) | (a & 0xFFFull);
+            fault[i] = 0;
+            hits++;
+            continue;
         }
-        walks++;
-        f = translate_one(w, c, a, acc, &out[i], &ne, &tlo, &thi);
-        fault[i] = f;
-        if (!f && tlb_on) {
-            ne.page = page;
-            ne.out = out[i] & ~0xFFFull;
-            ne.ctx = ctx_id;
-            ne.gen = gen;
-            *e = ne;
-            if (ne.in_shift > maxsh)
-                maxsh = ne.in_shift;
-            if (tlo <= thi) {
-                struct ctx *wc = &w->ctx[ctx_id];
-                if (tlo < wc->tbl_lo)
-                    wc->tbl_lo = tlo;
-                if (thi > wc->tbl_hi)
-                    wc->tbl_hi = thi;
-            }
-        }
+        miss(w, ctx_id, c, 1, a, acc, e, &out[i], &fault[i]);
     }
-    if (tlb_on)
-        w->ctx[ctx_id].max_shift = (uint8_t)maxsh;
     w->hits += hits;
-    w->misses += misses;
-    w->walks += walks;
+    w->misses += n - hits;
+    w->walks += n - hits;
 }
 
 void wk_invalidate_all(struct wk_walker *w)
@@ -462,15 +469,15 @@ void wk_invalidate_range(struct wk_walker *w, uint32_t ctx_id, uint64_t start, u
         uint64_t p;
         for (p = start >> 12; p <= (end >> 12); p++) {
             struct tlbe *e = &w->tlb[(p + c->salt) & w->mask];
-            if (e->page == p && e->ctx == ctx_id)
-                e->gen = 0;
+            if (e->page == p && TAG_CTX(e->tag) == ctx_id)
+                e->tag = 0;
         }
         return;
     }
     for (i = 0; i <= w->mask; i++) {
         struct tlbe *e = &w->tlb[i];
-        if (e->ctx == ctx_id && e->gen == c->gen && overlaps(e->page << 12, e->in_shift, start, end))
-            e->gen = 0;
+        if (e->tag == TAG(c->gen, ctx_id) && overlaps(e->page << 12, E_INSHIFT(e), start, end))
+            e->tag = 0;
     }
 }
 
@@ -488,11 +495,12 @@ void wk_invalidate_ipa(struct wk_walker *w, uint32_t s2_id, uint64_t start, uint
     for (i = 0; i <= w->mask; i++) {
         struct tlbe *e = &w->tlb[i];
         const struct ctx *c;
-        if (!e->gen || !e->ipa_shift || e->ctx >= WK_MAX_CTX)
+        if (!TAG_GEN(e->tag) || !E_IPASHIFT(e) || TAG_CTX(e->tag) >= WK_MAX_CTX)
             continue;
-        c = &w->ctx[e->ctx];
-        if (e->gen == c->gen && c->has_s2 && c->s2_id == s2_id && overlaps(e->ipa, e->ipa_shift, start, end))
-            e->gen = 0;
+        c = &w->ctx[TAG_CTX(e->tag)];
+        if (TAG_GEN(e->tag) == c->gen && c->has_s2 && c->s2_id == s2_id &&
+            overlaps(PAGE_BITS(e->ipa), E_IPASHIFT(e), start, end))
+            e->tag = 0;
     }
 }
 
@@ -519,14 +527,14 @@ int wk_get_tlb(const struct wk_walker *w)
 }
 
 /*
- * Bench-only floor: follow a chain of `loads` dependent 64-bit loads (each node holds the
- * offset of the next), `reps` times. Returns the last offset so the loop is not optimised out.
+ * Bench-only floor: `reps` x `loads` dependent 64-bit loads along a chain in machine memory
+ * (each node holds the address of the next; the bench makes it a cycle of `loads` nodes).
+ * Returns the last address so the loop cannot be optimised out.
  */
 uint64_t wk_bench_chase(const struct wk_walker *w, uint64_t start, uint64_t loads, uint64_t reps)
 {
     uint64_t r, k, p = start;
     for (r = 0; r < reps; r++) {
-        p = start;
         for (k = 0; k < loads; k++) {
             if (p > w->size - 8u)
                 return p;
