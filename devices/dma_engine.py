@@ -44,11 +44,7 @@ class DmaEngine:
         self.copies = 0
 
     def read(self, offset: int, size: int) -> int:
-        hit = LAYOUT.decode.get((offset, size))
-        if hit is None:
-            return 0
-        name, shift, _ = hit
-        return (self.regs[name] >> shift) & ((1 << (size * 8)) - 1)
+        return LAYOUT.read(self.regs, offset, size)
 
     def write(self, offset: int, size: int, value: int) -> None:
         hit = LAYOUT.decode.get((offset, size))

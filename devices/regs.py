@@ -37,6 +37,15 @@ class RegisterMap:
             offset += size
         self.size = offset
 
+    def read(self, values: dict[str, int], offset: int, size: int) -> int:
+        """The bytes an access at (offset, size) sees of a register file held as {name: value};
+        0 for anything that is not a register or a register half."""
+        hit = self.decode.get((offset, size))
+        if hit is None:
+            return 0
+        name, shift, _ = hit
+        return (values[name] >> shift) & ((1 << (size * 8)) - 1)
+
     def offset(self, name: str) -> int:
         return self.fields[name].offset
 

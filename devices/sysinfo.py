@@ -33,11 +33,7 @@ class SysInfo:
         }
 
     def read(self, offset: int, size: int) -> int:
-        hit = LAYOUT.decode.get((offset, size))
-        if hit is None:
-            return 0
-        name, shift, _ = hit
-        return (self.values[name] >> shift) & ((1 << (size * 8)) - 1)
+        return LAYOUT.read(self.values, offset, size)
 
     def write(self, offset: int, size: int, value: int) -> None:
         pass   # read-only
