@@ -1,23 +1,437 @@
-"""Placeholder until the IPMMU-VMSA model lands: a latch register file whose masters are refused."""
+"""Renesas IPMMU-VMSA (R-Car Gen3): one root (IPMMU-MM) and its cache instances.
+
+The behaviour is the contract of facts/ipmmu.md section 10; the register layout is declared in
+``devices.ipmmu_regs``. The shape of the model follows the hardware topology:
+
+- the **root** owns the contexts: their translation registers, fault records and the fault IRQ.
+  Each IPMMU context is one walker context (ids from ``ctx.alloc_ctx_id()``), so translations are
+  cached per context in the C walker's IOTLB and a FLUSH is one O(1) ``invalidate_context``;
+- a **cache** owns uTLBs (IMUCTR/IMUASID) and IMCTR copies. A master wired to uTLB u of a cache
+  gets a ``UtlbTranslator``; every access reads IMUCTR(u) (pass-through or context number) and asks
+  the root to translate with that context. Context ids are global to the root and its caches.
+
+Register writes that change how a context walks (IMCTR, IMTTBCR, TTBR, IMSAUXCTLR) only mark
+the context's compiled mode stale; the next access recompiles it and redefines the walker context
+if the walk geometry really changed. Nothing a register can hold makes ``read``/``write``/
+``translate`` raise: bad configurations become the architected fault or the documented outcome.
+
+Choices where section 10 is silent (each safe for both drivers):
+- a walk that reads a table outside machine memory sets IMSTR.ABORT with ERRCODE 0;
+- a descriptor whose output or next-table address needs more than 40 bits is a reserved descriptor
+  (TF, ERRCODE 1, ERRLVL = level);
+- EAE is checked in stage-1 mode only (stage-2 descriptors are always long);
+- an input space wider than 48 bits (VA64 with T0SZ < 16), or one its start level cannot cover
+  (too few bits, or more root entries than one table / 16 concatenated stage-2 tables), is a
+  configuration fault (TF, ERRCODE 0, ERRLVL 0), like "input too large";
+- IMSTR is write-0-to-clear and IMELAR/IMEUAR ignore writes in every instance (the cache copies are
+  never set by hardware, so they read 0); all other named registers latch in every instance;
+- IMUCTR.FLUSH drops the cached translations of the context TTSEL named before and after the write;
+- uTLBs >= the instance's ``utlbs`` (48) and contexts >= the root's ``contexts`` read 0, ignore writes.
+"""
 from __future__ import annotations
 
-from vmm.dma import Refuse
+import functools
+import logging
+from array import array
+from dataclasses import dataclass
+
+from devices.ipmmu_regs import (
+    CTX,
+    DECODE,
+    ERRCODE_ACCESS_PERM,
+    ERRCODE_NONE,
+    ERRCODE_SECURE_ACCESS,
+    ERRCODE_TLB_FORMAT,
+    GLOBAL_REGS,
+    IMCTR_FLUSH,
+    IMCTR_INTEN,
+    IMCTR_MMUEN,
+    IMCTR_VA64,
+    IMSAUXCTLR_S2PTE,
+    IMSTR_ABORT,
+    IMSTR_ERR_MASK,
+    IMSTR_ERRCODE_SHIFT,
+    IMSTR_ERRLVL_SHIFT,
+    IMSTR_PF,
+    IMSTR_TF,
+    IMTTBCR_EAE,
+    IMTTBCR_PMB,
+    IMTTBCR_SL0_SHIFT,
+    IMUCTR_FLUSH,
+    IMUCTR_MMUEN,
+    IMUCTR_TTSEL_SHIFT,
+    MAX_CONTEXTS,
+    MAX_UTLBS,
+    RESET,
+    UTLB,
+    WINDOW,
+)
+from devices.ipmmu_regs import CTX_REGS as _CTX_REGS
+from vmm.dma import STATUS_PERMISSION, STATUS_TRANSLATION, DmaFault, Runs
+from vmm.walker import (
+    ACCESS_FLAG,
+    ADDRESS_SIZE,
+    F_NS_CHECK,
+    F_S2,
+    NS,
+    PERMISSION,
+    TRANSLATION,
+    WALK_ABORT,
+    R,
+    Stage,
+    W,
+    coalesce_range,
+    decode_fault,
+    range_pages,
+)
+
+log = logging.getLogger("vmm.ipmmu")
+
+PAGE = 0x1000
+PAGE_MASK = ~0xFFF
+OA_BITS = 40                  # output addresses and TTBR are 40 bits
+MAX_IA_BITS = 48              # the walker's limit; a wider input space is a configuration fault
+S2_ID_BASE = 0x49500000       # walker s2 ids of IPMMU contexts: never a domain's (those count from 0)
+
+# Start level from the two-bit SL0: stage-1 (VMSAv7-LPAE/Gen3) encoding and stage-2 (VTCR) encoding.
+S1_START_LEVEL = {2: 1, 1: 2, 0: 3}
+S2_START_LEVEL = {0: 2, 1: 1, 2: 0}
+
+# Walker fault kind -> (IMSTR bit, ERRCODE, master-visible dma STATUS). ADDRESS_SIZE (a descriptor
+# naming an address above 40 bits) is treated as a reserved descriptor; ACCESS_FLAG cannot happen
+# (AF is never checked) but is mapped like a format error to be total.
+FAULT_MAP: dict[int, tuple[int, int, int]] = {
+    TRANSLATION: (IMSTR_TF, ERRCODE_TLB_FORMAT, STATUS_TRANSLATION),
+    ADDRESS_SIZE: (IMSTR_TF, ERRCODE_TLB_FORMAT, STATUS_TRANSLATION),
+    ACCESS_FLAG: (IMSTR_TF, ERRCODE_TLB_FORMAT, STATUS_TRANSLATION),
+    PERMISSION: (IMSTR_PF, ERRCODE_ACCESS_PERM, STATUS_PERMISSION),
+    NS: (IMSTR_PF, ERRCODE_SECURE_ACCESS, STATUS_PERMISSION),
+    WALK_ABORT: (IMSTR_ABORT, ERRCODE_NONE, STATUS_TRANSLATION),
+}
 
 
-class IpmmuPlaceholder:
-    def __init__(self) -> None:
-        self.regs: dict[int, int] = {}
+@dataclass(frozen=True)
+class Mode:
+    """A context compiled for the access path: walkable (limit = 2^input bits) or faulting."""
 
+    ok: bool
+    limit: int = 0
+    wctx: int = -1
+    why: str = ""
+
+
+def _geometry_ok(ia_bits: int, level: int, stage2: bool) -> bool:
+    """Input size vs start level: at least one root entry, at most one table (16 concatenated at
+    stage 2); the walker applies the same rule, checked here so the fault gets ERRCODE 0."""
+    shift = 12 + 9 * (3 - level)
+    return shift <= ia_bits <= MAX_IA_BITS and ia_bits - shift <= 9 + (4 if stage2 else 0)
+
+
+class Ipmmu:
+    """One IPMMU-VMSA instance (root or cache); the root also translates for every cache."""
+
+    def __init__(self, name: str, role: str, walker, contexts: int, utlbs: int,
+                 root_name: str | None = None, irq=None, resolve=None) -> None:
+        self.name = name
+        self.role = role
+        self.walker = walker
+        self.nctx = contexts
+        self.nutlbs = utlbs
+        self.irq = irq
+        self._root_name = root_name
+        self._resolve = resolve
+        self._root: Ipmmu | None = self if role == "root" else None
+        self.ctx: list[dict[str, int]] = [{n: RESET[n] for n in _CTX_REGS} for _ in range(MAX_CONTEXTS)]
+        self.imuctr: list[int] = [RESET["IMUCTR"]] * MAX_UTLBS
+        self.imuasid: list[int] = [RESET["IMUASID"]] * MAX_UTLBS
+        self.glob: dict[str, int] = {n: RESET[n] for n in GLOBAL_REGS}
+        self._narrow_logged: set[int] = set()
+        # root only: walker context per IPMMU context, compiled modes, last stage given to the walker
+        self.wctx: list[int] = []
+        self.modes: list[Mode | None] = [None] * MAX_CONTEXTS
+        self._stages: list[tuple | None] = [None] * MAX_CONTEXTS
+        self.faults = 0                       # recorded faults (tests, bench)
+
+    # -- topology -----------------------------------------------------------------------------
+    @property
+    def root(self) -> Ipmmu:
+        if self._root is None:
+            self._root = self._resolve(self._root_name)
+        return self._root
+
+    def translator(self, master_id: int, domain=None) -> UtlbTranslator | NoUtlb:
+        """The port of the master wired to uTLB ``master_id``. The master's domain does not enter
+        into it: the context IMUCTR.TTSEL names decides, whoever the master belongs to."""
+        if not 0 <= master_id < self.nutlbs:
+            log.warning("%s: master wired to uTLB %d, but the instance has %d uTLBs; its DMA aborts",
+                        self.name, master_id, self.nutlbs)
+            return NoUtlb(f"{self.name} has no uTLB {master_id}")
+        return UtlbTranslator(self, master_id)
+
+    # -- register access ------------------------------------------------------------------------
     def read(self, offset: int, size: int) -> int:
-        return self.regs.get(offset, 0) if size == 4 else 0
+        if size == 4:
+            return self._read32(offset)
+        if size == 8:                         # two 32-bit accesses, low word first
+            lo = self._read32(offset)
+            return lo | self._read32(offset + 4) << 32
+        self._narrow(offset, size, "read")
+        return 0
 
     def write(self, offset: int, size: int, value: int) -> None:
         if size == 4:
-            self.regs[offset] = value
+            self._write32(offset, value & 0xFFFFFFFF)
+        elif size == 8:
+            self._write32(offset, value & 0xFFFFFFFF)
+            self._write32(offset + 4, (value >> 32) & 0xFFFFFFFF)
+        else:
+            self._narrow(offset, size, "write")
 
-    def translator(self, master: int, domain):
-        return Refuse("the IPMMU model is not wired yet")
+    def _narrow(self, offset: int, size: int, what: str) -> None:
+        if offset not in self._narrow_logged:
+            self._narrow_logged.add(offset)
+            log.warning("%s: %d-byte %s at offset %#x ignored (IPMMU registers are 32-bit)",
+                        self.name, size, what, offset)
+
+    def _read32(self, offset: int) -> int:
+        hit = DECODE.get(offset)
+        if hit is None:
+            return 0
+        block, idx, name = hit
+        if block == CTX:
+            return self.ctx[idx][name] if idx < self.nctx_visible else 0
+        if block == UTLB:
+            if idx >= self.nutlbs:
+                return 0
+            return self.imuctr[idx] if name == "IMUCTR" else self.imuasid[idx]
+        return self.glob[name]
+
+    @property
+    def nctx_visible(self) -> int:
+        """Context register blocks this instance decodes: the root's count (ids are global)."""
+        return self.nctx if self.role == "root" else self.root.nctx
+
+    def _write32(self, offset: int, value: int) -> None:
+        hit = DECODE.get(offset)
+        if hit is None or not 0 <= offset < WINDOW:
+            return
+        block, idx, name = hit
+        if block == CTX:
+            if idx < self.nctx_visible:
+                self._write_ctx(idx, name, value)
+        elif block == UTLB:
+            if idx < self.nutlbs:
+                if name == "IMUCTR":
+                    self._write_imuctr(idx, value)
+                else:
+                    self.imuasid[idx] = value
+        else:
+            self.glob[name] = value
+            if name == "IMSAUXCTLR" and self.role == "root":
+                self.modes = [None] * MAX_CONTEXTS      # S2PTE changes every stage-2 context's decoding
+
+    def _write_ctx(self, c: int, name: str, value: int) -> None:
+        regs = self.ctx[c]
+        if name == "IMCTR":
+            regs["IMCTR"] = value & ~IMCTR_FLUSH       # FLUSH completes synchronously: reads 0
+            root = self.root
+            if value & IMCTR_FLUSH:
+                root.flush_context(c)
+            if self.role == "root":
+                self.modes[c] = None
+                self._update_irq()
+        elif name == "IMSTR":
+            # write-0-to-clear; the hardware alone sets bits. Once no fault bit remains the record
+            # (ERRCODE, ERRLVL, IMELAR/IMEUAR) is gone, as the drivers' comment describes.
+            regs["IMSTR"] &= value
+            if not regs["IMSTR"] & IMSTR_ERR_MASK:
+                regs["IMSTR"] = regs["IMELAR"] = regs["IMEUAR"] = 0
+            if self.role == "root":
+                self._update_irq()
+        elif name in ("IMELAR", "IMEUAR"):
+            pass                                       # owned by the fault recorder
+        else:
+            regs[name] = value
+            if self.role == "root" and name in ("IMTTBCR", "IMTTLBR0", "IMTTUBR0"):
+                self.modes[c] = None
+
+    def _write_imuctr(self, u: int, value: int) -> None:
+        old = self.imuctr[u]
+        self.imuctr[u] = value & ~IMUCTR_FLUSH
+        if value & IMUCTR_FLUSH:
+            # the uTLB's cached entries belong to the context it pointed at (and now points at)
+            root = self.root
+            for v in (old, value):
+                root.flush_context((v >> IMUCTR_TTSEL_SHIFT) & 0xF)
+
+    # -- contexts (root) ---------------------------------------------------------------------------
+    def flush_context(self, c: int) -> None:
+        if c < len(self.wctx):
+            self.walker.invalidate_context(self.wctx[c])
+
+    def ttbr(self, c: int) -> int:
+        regs = self.ctx[c]
+        return (regs["IMTTUBR0"] & 0xFF) << 32 | (regs["IMTTLBR0"] & 0xFFFFFFF0)
+
+    def p2m_changed(self, p2m, gpa: int, size: int) -> None:
+        """A P2M changed: flush every context whose TTBR is its root (Xen's iommu_iotlb_flush)."""
+        for c in range(self.nctx):
+            if self.ttbr(c) == p2m.root:
+                self.flush_context(c)
+
+    def mode(self, c: int) -> Mode:
+        """What context c does with an access, from its registers (section 10, request path)."""
+        regs = self.ctx[c]
+        ctr, tcr = regs["IMCTR"], regs["IMTTBCR"]
+        if not ctr & IMCTR_MMUEN:
+            return Mode(False, why="context disabled")
+        sl0 = (tcr >> IMTTBCR_SL0_SHIFT) & 3
+        if tcr & IMTTBCR_PMB:
+            if not ctr & IMCTR_VA64:
+                return Mode(False, why="PMB (stage-2 mode) without IMCTR.VA64")
+            stage2, ia_bits, level = True, 64 - (tcr & 0x3F), S2_START_LEVEL.get(sl0)
+            flags = F_S2 if self.glob["IMSAUXCTLR"] & IMSAUXCTLR_S2PTE else 0
+        else:
+            if not tcr & IMTTBCR_EAE:
+                return Mode(False, why="IMTTBCR.EAE = 0 (short descriptors are not implemented)")
+            ia_bits = 64 - (tcr & 0x3F) if ctr & IMCTR_VA64 else 32 - (tcr & 0x7)
+            stage2, level, flags = False, S1_START_LEVEL.get(sl0), F_NS_CHECK
+        if level is None:
+            return Mode(False, why=f"reserved SL0 {sl0}")
+        if not _geometry_ok(ia_bits, level, stage2):
+            return Mode(False, why=f"{ia_bits}-bit input cannot start at level {level}")
+        wctx = self.wctx[c]
+        stage = Stage(ttbr=self.ttbr(c), ia_bits=ia_bits, start_level=level, oa_bits=OA_BITS, flags=flags)
+        key = (stage2, stage)
+        if self._stages[c] != key:
+            if stage2:
+                self.walker.context(wctx, None, stage, s2_id=S2_ID_BASE + wctx)
+            else:
+                self.walker.context(wctx, stage, None, s2_id=S2_ID_BASE + wctx)
+            self._stages[c] = key
+        return Mode(True, 1 << ia_bits, wctx)
+
+    def record_fault(self, c: int, bit: int, errcode: int, level: int, address: int) -> None:
+        """First fault wins the record; later ones only OR their bit in (section 10, Faults)."""
+        regs = self.ctx[c]
+        if regs["IMSTR"] & IMSTR_ERR_MASK:
+            regs["IMSTR"] |= bit
+        else:
+            regs["IMSTR"] = bit | errcode << IMSTR_ERRCODE_SHIFT | (level & 3) << IMSTR_ERRLVL_SHIFT
+            regs["IMELAR"] = address & 0xFFFFFFFF
+            regs["IMEUAR"] = (address >> 32) & 0xFFFFFFFF
+        self.faults += 1
+        self._update_irq()
+
+    def _update_irq(self) -> None:
+        if self.irq is not None:
+            self.irq.set(any(regs["IMCTR"] & IMCTR_INTEN and regs["IMSTR"] & IMSTR_ERR_MASK
+                             for regs in self.ctx[:self.nctx]))
+
+    # -- the request path (root) ---------------------------------------------------------------
+    def translate(self, imuctr: int, iova: int, length: int, write: bool) -> Runs:
+        """Translate one master access arriving on a uTLB whose IMUCTR is ``imuctr``."""
+        if length <= 0:
+            return []
+        if not imuctr & IMUCTR_MMUEN:
+            return [(iova, length)]                   # pass-through: machine address
+        c = (imuctr >> IMUCTR_TTSEL_SHIFT) & 0xF
+        if c >= self.nctx:
+            raise DmaFault(STATUS_TRANSLATION, iova & PAGE_MASK, f"TTSEL {c} names no context")
+        mode = self.modes[c]
+        if mode is None:
+            mode = self.modes[c] = self.mode(c)
+        if not mode.ok:
+            self._config_fault(c, iova & PAGE_MASK, mode.why)
+        end = iova + length
+        if end > mode.limit:
+            if iova >= mode.limit:
+                self._config_fault(c, iova & PAGE_MASK, "input address beyond the input size")
+            self._walk(c, mode.wctx, iova, mode.limit - iova, write)
+            self._config_fault(c, mode.limit, "input address beyond the input size")
+        return self._walk(c, mode.wctx, iova, length, write)
+
+    def _config_fault(self, c: int, address: int, why: str) -> None:
+        self.record_fault(c, IMSTR_TF, ERRCODE_NONE, 0, address)
+        raise DmaFault(STATUS_TRANSLATION, address, f"{self.name} context {c}: {why}")
+
+    def _walk(self, c: int, wctx: int, iova: int, length: int, write: bool) -> Runs:
+        """Every page in one walker batch. A transfer whose pages land machine-contiguous (the
+        common case: io-pgtable maps a buffer page by page onto contiguous memory, P2M blocks)
+        is recognised by one C-level array comparison instead of a Python loop per page."""
+        pages = range_pages(iova, length, 12)
+        out, fault = self.walker.translate(wctx, pages, W if write else R)
+        n = len(out)
+        if fault.count(0) != n:
+            i = next(i for i, f in enumerate(fault) if f)
+            res = decode_fault(fault[i], out[i])
+            bit, errcode, status = FAULT_MAP.get(res.kind, FAULT_MAP[TRANSLATION])
+            address = max(res.address & PAGE_MASK, iova & PAGE_MASK)
+            self.record_fault(c, bit, errcode, res.level, address)
+            raise DmaFault(status, address, f"{self.name} context {c}: {res}")
+        first = out[0]
+        if n > 1:
+            base = first & PAGE_MASK
+            contiguous = array("Q", range(base, base + n * PAGE, PAGE))
+            contiguous[0] = first
+            if out != contiguous:
+                return coalesce_range(iova, length, 12, out)
+        return [(first, length)] if n else []
+
+
+class UtlbTranslator:
+    """What a master wired to uTLB ``u`` of an instance gets: IMUCTR(u) is read on every access."""
+
+    __slots__ = ("inst", "u", "_root")
+
+    def __init__(self, inst: Ipmmu, u: int) -> None:
+        self.inst = inst
+        self.u = u
+        self._root: Ipmmu | None = None
+
+    def translate(self, iova: int, length: int, write: bool) -> Runs:
+        root = self._root
+        if root is None:
+            root = self._root = self.inst.root
+        return root.translate(self.inst.imuctr[self.u], iova, length, write)
+
+
+class NoUtlb:
+    """A master wired to a uTLB the instance does not have: every access aborts, nothing recorded."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+    def translate(self, iova: int, length: int, write: bool) -> Runs:
+        raise DmaFault(STATUS_TRANSLATION, iova & PAGE_MASK, self.why)
 
 
 def build(ctx, spec: dict):
-    return IpmmuPlaceholder(), 0x1000
+    """Board entry ``type = "ipmmu"``: ``role = "root"`` (``irq``, ``contexts``) or ``"cache"``
+    (``root``, ``utlbs``). The root registers a listener on every domain's P2M."""
+    role = spec.get("role", "root")
+    if role not in ("root", "cache"):
+        raise ValueError(f"role must be 'root' or 'cache', not {role!r}")
+    utlbs = int(spec.get("utlbs", 48))
+    if not 0 <= utlbs <= MAX_UTLBS:
+        raise ValueError(f"utlbs must be 0..{MAX_UTLBS}")
+    if role == "root":
+        contexts = int(spec.get("contexts", MAX_CONTEXTS))
+        if not 1 <= contexts <= MAX_CONTEXTS:
+            raise ValueError(f"contexts must be 1..{MAX_CONTEXTS} (Gen3 layout)")
+        irq = ctx.irq(int(spec["irq"])) if "irq" in spec else None
+        dev = Ipmmu(spec["name"], role, ctx.walker, contexts, utlbs, irq=irq)
+        dev.wctx = [ctx.alloc_ctx_id() for _ in range(contexts)]
+        for dom in ctx.machine.domains.values():
+            dom.p2m.listeners.append(functools.partial(dev.p2m_changed, dom.p2m))
+    else:
+        root = spec.get("root")
+        roots = {d["name"] for d in ctx.board.devices if d.get("type") == "ipmmu" and d.get("role", "root") == "root"}
+        if root not in roots:
+            raise ValueError(f"a cache IPMMU needs root = one of {sorted(roots)}, not {root!r}")
+
+        def resolve(name: str) -> Ipmmu:
+            return ctx.device(name)
+
+        dev = Ipmmu(spec["name"], role, ctx.walker, 0, utlbs, root_name=root, resolve=resolve)
+    return dev, WINDOW
