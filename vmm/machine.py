@@ -99,6 +99,7 @@ class Machine:
         self.console = bytearray()
         self.console_sinks: list[Callable[[bytes], None]] = [self.console.extend]
         self.stop_status: int | None = None
+        self.recorder = None        # a vmm.trace.Recorder while a run is being recorded
         self.on_stop: list[Callable[[], None]] = []
         self._next_ctx = 0
         self.irqs = IrqController()

@@ -34,13 +34,20 @@ def run_image(machine, image: str | None, backend: str = "auto", timeout: float 
     img = load_image(find_image(image), dom.ram_ranges)
     start_info = place(img, dom.write, dom.ram_ranges)
     cls = choose_backend(backend)
+    # A vmm.trace.Recorder sets machine.recorder: it needs the pages the CPU writes (dirty tracking,
+    # off otherwise because it slows the guest) and a last look at them before the CPU goes away.
+    recorder = machine.recorder
     try:
-        cpu = cls(machine)
+        cpu = cls(machine, track_dirty=True) if recorder is not None else cls(machine)
     except BackendUnavailable as e:
         raise BackendUnavailable(f"backend {cls.name} unavailable: {e}") from None
+    if recorder is not None:
+        recorder.attach(cpu)
     try:
         result = cpu.run(img.entry, start_info, timeout)
     finally:
+        if recorder is not None:
+            recorder.detach(cpu)
         cpu.close()
     result.console = bytes(machine.console)
     return result

@@ -57,6 +57,7 @@ _MASK = {n: (1 << (8 * n)) - 1 for n in (1, 2, 4, 8)}
 BOOT_GDT = 0x5000        # below hvm_start_info; the payload loads its own GDT at once
 FOUR_GIB = 1 << 32
 PAGE = 4096
+ADDR_MASK = 0x000FFFFFFFFFF000     # physical address bits of a page-table entry
 
 
 def _page_cover(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -88,7 +89,7 @@ def _gaps(taken: list[tuple[int, int]], limit: int = FOUR_GIB) -> list[tuple[int
 class EmulatedBackend:
     name = "emulated"
 
-    def __init__(self, machine) -> None:
+    def __init__(self, machine, track_dirty: bool = False) -> None:
         self.machine = machine
         uc = self.uc = Uc(UC_ARCH_X86, UC_MODE_32)
         ram = [(r.gpa, r.size) for r in machine.dom0.ram.ranges]
@@ -114,19 +115,76 @@ class EmulatedBackend:
         uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, UC_X86_INS_OUT)
         uc.hook_add(UC_HOOK_INTR, self._intr)
         machine.on_stop.append(self._stop)
+        # Only while a trace is recorded: a Python callback on every guest store is slow.
+        self._dirty: set[int] = set()       # page numbers (gpa >> 12) stored to since dirty_pages()
+        self._mark = self._dirty.add
+        self._tables: set[int] = set()      # pages of the guest's current x86 paging structures
+        self._tables_cr3: int | None = None
+        if track_dirty:
+            self._add_dirty_hooks(machine.dom0.ram.ranges)
+
+    # -- dirty tracking (trace recording only) ------------------------------------------------
+    def dirty_pages(self) -> list[int]:
+        """Guest-physical addresses of the pages the CPU wrote since the previous call (recording).
+
+        Unicorn's MMU sets Accessed/Dirty bits in the guest's page tables without calling the write
+        hook, so the pages of the current paging structures are always reported too (a handful).
+        """
+        dirty = {n << 12 for n in self._dirty}
+        self._dirty.clear()
+        if dirty & self._tables:
+            self._tables_cr3 = None         # the guest edited its page tables: walk them again
+        return sorted(dirty | self._table_pages())
+
+    def _add_dirty_hooks(self, ranges) -> None:
+        """A write hook over RAM. It runs for every guest store, so it is a bare C-API callback."""
+        mark = self._mark
+
+        def hook(uch, access, addr, size, value, ud):
+            mark(addr >> 12)
+            if (addr & 0xFFF) + size > PAGE:
+                mark((addr + size - 1) >> 12)
+
+        for r in ranges:
+            self._raw_mem_hook(hook, r.gpa, r.gpa + r.size - 1, UC_HOOK_MEM_WRITE)
+
+    def _table_pages(self) -> set[int]:
+        uc = self.uc
+        if not uc.reg_read(UC_X86_REG_CR0) & (1 << 31) or not uc.reg_read(UC_X86_REG_MSR, 0xC0000080) & (1 << 10):
+            return set()                    # paging off, or not long mode (the payloads' start code only)
+        cr3 = uc.reg_read(UC_X86_REG_CR3) & ADDR_MASK
+        if cr3 != self._tables_cr3:
+            self._tables = set()
+            self._walk_tables(cr3, 4)
+            self._tables_cr3 = cr3
+        return self._tables
+
+    def _walk_tables(self, table: int, level: int) -> None:
+        """Collect the pages of a 4-level table tree (large pages end the walk)."""
+        self._tables.add(table)
+        if level == 1:
+            return
+        try:
+            entries = struct.unpack("<512Q", self.machine.dom0.read(table, PAGE))
+        except ValueError:
+            return                          # not RAM: nothing a device could see
+        for e in entries:
+            if e & 1 and not (level < 4 and e & 0x80):
+                self._walk_tables(e & ADDR_MASK, level - 1)
 
     def close(self) -> None:
         if self._stop in self.machine.on_stop:
             self.machine.on_stop.remove(self._stop)
 
     # -- hooks ------------------------------------------------------------------------------
-    def _raw_mem_hook(self, trampoline, begin: int, end: int) -> None:
+    def _raw_mem_hook(self, trampoline, begin: int, end: int,
+                      types: int = UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE) -> None:
         """A memory hook registered through unicorn's C API: the Python binding's wrapper layers
         double the cost of every MMIO access. Trampolines keep exceptions (``_fail``) and they are
         re-raised after the run, as the binding does, instead of being lost inside ctypes."""
         cfunc = HOOK_MEM_ACCESS_CFUNC(trampoline)
         handle = ctypes.c_size_t()
-        err = uclib.uc_hook_add(self.uc._uch, ctypes.byref(handle), UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE,
+        err = uclib.uc_hook_add(self.uc._uch, ctypes.byref(handle), types,
                                 ctypes.cast(cfunc, ctypes.c_void_p), None, ctypes.c_uint64(begin), ctypes.c_uint64(end))
         if err:
             raise UcError(err)

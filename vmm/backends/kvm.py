@@ -31,6 +31,12 @@ KVM_SET_REGS = 0x4090AE82
 KVM_GET_SREGS = 0x8138AE83
 KVM_SET_SREGS = 0x4138AE84
 KVM_SET_CPUID2 = 0x4008AE90
+KVM_SET_MSRS = 0x4008AE89
+MSR_MTRR_DEF_TYPE = 0x2FF
+MTRR_ENABLE_WB = (1 << 11) | 6      # MTRRs enabled, default type write-back
+KVM_GET_DIRTY_LOG = 0x4010AE42
+KVM_MEM_LOG_DIRTY_PAGES = 1
+PAGE = 4096
 
 EXIT_IO, EXIT_HLT, EXIT_MMIO, EXIT_SHUTDOWN, EXIT_FAIL_ENTRY = 2, 5, 6, 8, 9
 EXIT_INTR, EXIT_INTERNAL_ERROR, EXIT_SYSTEM_EVENT = 10, 17, 24
@@ -70,6 +76,18 @@ class KvmSregs(ctypes.Structure):
 class KvmMemoryRegion(ctypes.Structure):
     _fields_ = [("slot", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("guest_phys_addr", ctypes.c_uint64),
                 ("memory_size", ctypes.c_uint64), ("userspace_addr", ctypes.c_uint64)]
+
+
+class KvmDirtyLog(ctypes.Structure):
+    _fields_ = [("slot", ctypes.c_uint32), ("padding", ctypes.c_uint32), ("dirty_bitmap", ctypes.c_uint64)]
+
+
+class KvmMsrEntry(ctypes.Structure):
+    _fields_ = [("index", ctypes.c_uint32), ("reserved", ctypes.c_uint32), ("data", ctypes.c_uint64)]
+
+
+class KvmMsrs1(ctypes.Structure):
+    _fields_ = [("nmsrs", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("entries", KvmMsrEntry * 1)]
 
 
 class KvmCpuidEntry2(ctypes.Structure):
@@ -136,7 +154,7 @@ class _Timeout(Exception):
 class KvmBackend:
     name = "kvm"
 
-    def __init__(self, machine) -> None:
+    def __init__(self, machine, track_dirty: bool = False) -> None:
         ok, why = kvm_usable()
         if not ok:
             raise BackendUnavailable(why)
@@ -146,16 +164,50 @@ class KvmBackend:
         self.vm = self._keep(_ioctl(self.kvm, KVM_CREATE_VM))
         _ioctl(self.vm, KVM_SET_TSS_ADDR, TSS_ADDR)
         _ioctl(self.vm, KVM_SET_IDENTITY_MAP_ADDR, ctypes.c_uint64(IDENTITY_MAP_ADDR))
+        # Dirty logging only while a trace is recorded: it write-protects guest RAM, so it costs a
+        # fault on the first write to each page after every dirty_pages() call.
+        self._dirty_logs: list[tuple[int, KvmDirtyLog, ctypes.Array, int, bytes]] = []
         for slot, r in enumerate(machine.dom0.ram.ranges):
-            region = KvmMemoryRegion(slot=slot, flags=0, guest_phys_addr=r.gpa, memory_size=r.size,
+            flags = KVM_MEM_LOG_DIRTY_PAGES if track_dirty else 0
+            region = KvmMemoryRegion(slot=slot, flags=flags, guest_phys_addr=r.gpa, memory_size=r.size,
                                      userspace_addr=r.host)
             _ioctl(self.vm, KVM_SET_USER_MEMORY_REGION, region)
+            if track_dirty:
+                words = (r.size // PAGE + 63) // 64
+                bitmap = (ctypes.c_uint64 * words)()
+                log = KvmDirtyLog(slot=slot, dirty_bitmap=ctypes.addressof(bitmap))
+                self._dirty_logs.append((r.gpa, log, bitmap, words * 8, bytes(words * 8)))
         self.vcpu = self._keep(_ioctl(self.vm, KVM_CREATE_VCPU, 0))
         size = _ioctl(self.kvm, KVM_GET_VCPU_MMAP_SIZE)
         self.run_map = mmap.mmap(self.vcpu, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         cpuid = KvmCpuid2(nent=256)
         _ioctl(self.kvm, KVM_GET_SUPPORTED_CPUID, cpuid)
         _ioctl(self.vcpu, KVM_SET_CPUID2, cpuid)
+        # At reset MTRRdefType is 0, i.e. every guest page uncacheable wherever the host honours
+        # guest MTRRs; a PVH guest never programs them. Firecracker sets the same default.
+        msrs = KvmMsrs1(nmsrs=1)
+        msrs.entries[0] = KvmMsrEntry(index=MSR_MTRR_DEF_TYPE, data=MTRR_ENABLE_WB)
+        _ioctl(self.vcpu, KVM_SET_MSRS, msrs)
+
+    def dirty_pages(self) -> list[int]:
+        """Guest-physical addresses of the pages the vCPU wrote since the previous call.
+
+        For the trace recorder (``track_dirty=True``): it diffs only these pages against what a
+        CPU-less replay holds, instead of all of guest RAM before every access. KVM_GET_DIRTY_LOG
+        also resets the log, so each call reports one interval.
+        """
+        pages: list[int] = []
+        for gpa, log, bitmap, nbytes, zero in self._dirty_logs:
+            _ioctl(self.vm, KVM_GET_DIRTY_LOG, log)
+            raw = ctypes.string_at(bitmap, nbytes)
+            if raw == zero:
+                continue
+            bits = int.from_bytes(raw, "little")
+            while bits:
+                low = bits & -bits
+                pages.append(gpa + (low.bit_length() - 1) * PAGE)
+                bits ^= low
+        return pages
 
     def _keep(self, fd: int) -> int:
         self.fds.append(fd)

@@ -205,6 +205,10 @@ class Walker:
             raise MemoryError("cannot allocate the walker")
         self._w = ffi.gc(w, lib.wk_free)
         self._granule: dict[int, int] = {}
+        self._max_runs = 64
+        self._runs = ffi.new("uint64_t[]", 2 * self._max_runs)
+        self._rfault = ffi.new("uint32_t[1]")
+        self._rfaddr = ffi.new("uint64_t[1]")
         self._stage_buf = (ffi.new("struct wk_stage *"), ffi.new("struct wk_stage *"))
         self._stats = ffi.new("uint64_t[3]")
 
@@ -260,13 +264,23 @@ class Walker:
 
     def translate_range(self, ctx_id: int, addr: int, length: int, access: int) -> list[tuple[int, int]] | Fault:
         """Every page of [addr, addr+length) in one batch: coalesced (mpa, n) runs or the first fault."""
+        if length <= 0:
+            return []
+        if not 0 <= addr <= _U64:
+            return Fault(TRANSLATION, 1, 0, _U64)
         gran = self._granule.get(ctx_id, 12)
-        pages = range_pages(addr, length, gran)
-        out, fault = self.translate(ctx_id, pages, access)
-        for i, f in enumerate(fault):
-            if f:
-                return decode_fault(f, out[i])
-        return coalesce_range(addr, length, gran, out)
+        acc = int(access) & 3
+        n = lib.wk_translate_range(self._w, ctx_id, addr, min(length, _U64 + 1 - addr), acc, gran,
+                                   self._runs, self._max_runs, self._rfault, self._rfaddr)
+        if n == -2:     # more runs than the buffer holds: grow it to one run a page and retry
+            self._max_runs = (length >> gran) + 2
+            self._runs = ffi.new("uint64_t[]", 2 * self._max_runs)
+            n = lib.wk_translate_range(self._w, ctx_id, addr, min(length, _U64 + 1 - addr), acc, gran,
+                                       self._runs, self._max_runs, self._rfault, self._rfaddr)
+        if n < 0:
+            return decode_fault(self._rfault[0], self._rfaddr[0])
+        runs = self._runs
+        return [(runs[2 * i], runs[2 * i + 1]) for i in range(n)]
 
     # -- IOTLB -----------------------------------------------------------------------------
     def invalidate_all(self) -> None:

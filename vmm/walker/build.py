@@ -29,6 +29,8 @@ int wk_set_context(struct wk_walker *w, uint32_t ctx_id, const struct wk_stage *
                    uint32_t s2_id);
 void wk_translate(struct wk_walker *w, uint32_t ctx_id, const uint64_t *addrs, const uint8_t *accs,
                   uint32_t acc_all, uint64_t n, uint64_t *out, uint32_t *fault);
+int64_t wk_translate_range(struct wk_walker *w, uint32_t ctx_id, uint64_t addr, uint64_t len, uint32_t acc,
+                           uint32_t gran, uint64_t *runs, uint64_t max_runs, uint32_t *fault, uint64_t *faddr);
 void wk_invalidate_all(struct wk_walker *w);
 void wk_invalidate_context(struct wk_walker *w, uint32_t ctx_id);
 void wk_invalidate_range(struct wk_walker *w, uint32_t ctx_id, uint64_t start, uint64_t end);

@@ -235,13 +235,19 @@ class ReferenceWalker:
 
     def translate_range(self, ctx_id: int, addr: int, length: int, access: int) -> list[tuple[int, int]] | Fault:
         """Coalesced (mpa, n) runs for [addr, addr+length) or the first fault."""
+        if length <= 0:
+            return []
+        if not 0 <= addr < 1 << 64:
+            return Fault(TRANSLATION, 1, 0, (1 << 64) - 1)
+        length = min(length, (1 << 64) - addr)           # clipped at 2^64 - 1, like the C walker
         ctx = self._contexts.get(ctx_id)
         gran = min(g.st.granule for g in ctx[:2] if g is not None) if ctx else 12
-        pages = range_pages(addr, length, gran)
-        out, fault = self.translate(ctx_id, pages, access)
-        for o, f in zip(out, fault, strict=True):
-            if f:
-                return decode_fault(f, o)
+        out = []
+        for page in range_pages(addr, length, gran):     # ascending; the first fault ends the transfer
+            o, f = self.translate(ctx_id, [page], access)
+            if f[0]:
+                return decode_fault(f[0], o[0])
+            out.append(o[0])
         return coalesce_range(addr, length, gran, out)
 
     # -- IOTLB -----------------------------------------------------------------------------

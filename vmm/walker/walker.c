@@ -435,6 +435,46 @@ void wk_translate(struct wk_walker *w, uint32_t ctx_id, const uint64_t *addrs, c
     w->walks += n - hits;
 }
 
+/*
+ * A DMA transfer's worth of translation in one call: every page (of 2^gran bytes) that
+ * [addr, addr + len) touches, ascending, coalesced into machine-contiguous (mpa, n) runs.
+ * Returns the number of runs, -1 with *fault / *faddr set for the first page that fails, or -2
+ * when more than max_runs runs are needed (the caller retries with room for one run a page).
+ * The range is clipped at 2^64 - 1; such addresses fault long before (input sizes <= 48 bits).
+ */
+int64_t wk_translate_range(struct wk_walker *w, uint32_t ctx_id, uint64_t addr, uint64_t len, uint32_t acc,
+                           uint32_t gran, uint64_t *runs, uint64_t max_runs, uint32_t *fault, uint64_t *faddr)
+{
+    const uint64_t size = 1ull << (gran >= 12 && gran <= 16 ? gran : 12);
+    const uint64_t last = len > ~0ull - addr ? ~0ull : addr + len - 1u;   /* inclusive */
+    uint64_t cur = addr, nr = 0;
+
+    if (!len)
+        return 0;
+    for (;;) {
+        uint64_t o, page_last = (cur | (size - 1u)) < last ? (cur | (size - 1u)) : last;
+        uint32_t f;
+        wk_translate(w, ctx_id, &cur, NULL, acc, 1, &o, &f);
+        if (f) {
+            *fault = f;
+            *faddr = o;
+            return -1;
+        }
+        if (nr && runs[2 * nr - 2] + runs[2 * nr - 1] == o) {
+            runs[2 * nr - 1] += page_last - cur + 1u;
+        } else {
+            if (nr == max_runs)
+                return -2;
+            runs[2 * nr] = o;
+            runs[2 * nr + 1] = page_last - cur + 1u;
+            nr++;
+        }
+        if (page_last == last)
+            return (int64_t)nr;
+        cur = page_last + 1u;
+    }
+}
+
 void wk_invalidate_all(struct wk_walker *w)
 {
     uint32_t i;
