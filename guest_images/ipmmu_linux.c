@@ -104,18 +104,6 @@ static void utlb_enable(unsigned u)
           ctx_id);
 }
 
-/* The Linux IRQ handler for one context: returns IMSTR, fills *iova, clears. */
-static uint32_t domain_irq(uint64_t *iova)
-{
-    uint32_t status = ctx_read(ROOT, ctx_id, IMSTR);
-    if (!(status & IMSTR_ERR_MASK))
-        return 0;
-    *iova = ctx_read(ROOT, ctx_id, IMELAR);
-    *iova |= (uint64_t)ctx_read(ROOT, ctx_id, IMEUAR) << 32;
-    ctx_write(ROOT, ctx_id, IMSTR, 0);
-    return status;
-}
-
 static int fill_check(volatile uint8_t *p, size_t n, uint8_t seed, int verify)
 {
     int bad = 0;
@@ -186,7 +174,7 @@ int main(struct hvm_start_info *si)
     check(st == DMA_STATUS_PERM_FAULT, "dma0 STATUS %u (3 = permission)", st);
     check(fault == IOVA_RO, "FAULT_ADDR 0x%llx", (unsigned long long)fault);
     uint64_t iova = 0;
-    uint32_t status = domain_irq(&iova);
+    uint32_t status = ipmmu_domain_irq(ROOT, ctx_id, &iova);
     check(status & IMSTR_PF, "IMSTR 0x%x has PF", status);
     check(IMSTR_ERRCODE(status) == IMSTR_ERRCODE_ACCESS_PERM && IMSTR_ERRLVL(status) == 3,
           "ERRCODE %u (4 ACCESS_PERM), ERRLVL %u", IMSTR_ERRCODE(status), IMSTR_ERRLVL(status));
@@ -199,11 +187,11 @@ int main(struct hvm_start_info *si)
     st = dma_copy(1, IOVA_SRC + 3 * SZ_4K, IOVA_DST, 2 * SZ_4K, &fault);
     check(st == DMA_STATUS_XLATE_FAULT && fault == IOVA_HOLE, "dma1 STATUS %u FAULT_ADDR 0x%llx", st,
           (unsigned long long)fault);
-    status = domain_irq(&iova);
+    status = ipmmu_domain_irq(ROOT, ctx_id, &iova);
     check((status & IMSTR_TF) && IMSTR_ERRCODE(status) == IMSTR_ERRCODE_TLB_FORMAT && IMSTR_ERRLVL(status) == 3,
           "IMSTR 0x%x: TF, ERRCODE 1, ERRLVL 3", status);
     check(iova == IOVA_HOLE, "IMELAR = 0x%llx", (unsigned long long)iova);
-    status = domain_irq(&iova);
+    status = ipmmu_domain_irq(ROOT, ctx_id, &iova);
     check(status == 0, "handler finds nothing more (IMSTR 0x%x)", status);
 
     section("unmap + flush");
@@ -214,7 +202,7 @@ int main(struct hvm_start_info *si)
           ctx_read(ROOT, ctx_id, IMCTR));
     st = dma_copy(0, IOVA_SRC, IOVA_DST, 64, &fault);
     check(st == DMA_STATUS_XLATE_FAULT && fault == IOVA_DST, "the unmapped page faults now (STATUS %u)", st);
-    domain_irq(&iova);
+    ipmmu_domain_irq(ROOT, ctx_id, &iova);
     st = dma_copy(0, IOVA_SRC, IOVA_DST + SZ_4K, 64, &fault);
     check(st == DMA_STATUS_OK, "its neighbour still translates (STATUS %u)", st);
 

@@ -53,17 +53,6 @@ static int utlb_enable(uint64_t cache, unsigned u, unsigned c)
     return 0;
 }
 
-/* ipmmu_domain_irq: returns IMSTR (0 if nothing), fills *iova, clears. */
-static uint32_t domain_irq(uint64_t *iova)
-{
-    uint32_t status = ctx_read(ROOT, ctx_id, IMSTR);
-    if (!(status & IMSTR_ERR_MASK))
-        return 0;
-    *iova = ctx_read(ROOT, ctx_id, IMELAR) | (uint64_t)ctx_read(ROOT, ctx_id, IMEUAR) << 32;
-    ctx_write(ROOT, ctx_id, IMSTR, 0);
-    return status;
-}
-
 int main(struct hvm_start_info *si)
 {
     (void)si;
@@ -83,7 +72,7 @@ int main(struct hvm_start_info *si)
     check(ipmmu_read(CACHE, IMSCTLR) == 0 && ipmmu_read(ROOT, IMSCTLR) == 0, "IMSCTLR.USE_SECGRP clear everywhere");
 
     section("init_context (root)");
-    uint64_t ttbr = read64_halves(SYSINFO_BASE + SYSINFO_P2M_ROOT);
+    uint64_t ttbr = mmio_read64_halves(SYSINFO_BASE + SYSINFO_P2M_ROOT);
     uint32_t ipa_bits = mmio_read32(SYSINFO_BASE + SYSINFO_IPA_BITS);
     ctx_id = 1;
     ctx_write(ROOT, ctx_id, IMTTLBR0, (uint32_t)ttbr & 0xFFFFF000u);
@@ -129,7 +118,7 @@ int main(struct hvm_start_info *si)
     st = dma_copy(0, HOLE + 0x10, (uintptr_t)dst, 64, &fault);
     check(st == DMA_STATUS_XLATE_FAULT && fault == HOLE, "unmapped IPA: STATUS %u FAULT_ADDR 0x%llx", st,
           (unsigned long long)fault);
-    uint32_t status = domain_irq(&iova);
+    uint32_t status = ipmmu_domain_irq(ROOT, ctx_id, &iova);
     check((status & IMSTR_TF) && IMSTR_ERRCODE(status) == IMSTR_ERRCODE_TLB_FORMAT,
           "IMSTR 0x%x: TF, ERRCODE 1, ERRLVL %u", status, IMSTR_ERRLVL(status));
     check(iova == HOLE, "IMELAR/IMEUAR = 0x%llx", (unsigned long long)iova);
@@ -138,7 +127,7 @@ int main(struct hvm_start_info *si)
     st = dma_copy(1, (uintptr_t)src, BEYOND + 0x2000, 64, &fault);
     check(st == DMA_STATUS_XLATE_FAULT && fault == BEYOND + 0x2000, "IPA 2^40 + 0x2000: STATUS %u FAULT_ADDR 0x%llx",
           st, (unsigned long long)fault);
-    status = domain_irq(&iova);
+    status = ipmmu_domain_irq(ROOT, ctx_id, &iova);
     check((status & IMSTR_TF) && IMSTR_ERRCODE(status) == 0 && IMSTR_ERRLVL(status) == 0,
           "IMSTR 0x%x: TF, ERRCODE 0, ERRLVL 0 (input too large)", status);
     check(iova == BEYOND + 0x2000 && ctx_read(ROOT, ctx_id, IMEUAR) == 0, "IMEUAR carried bit 40: 0x%llx, cleared",

@@ -126,7 +126,7 @@ static void dma(void)
         src[i] = (uint8_t)(i * 7 + 3);
 
     /* Unattached, bypass 0: no access, fault DOMAIN. */
-    uint32_t st = dma2_copy((uintptr_t)src, (uintptr_t)dst, 64, &fa);
+    uint32_t st = dma_copy(2, (uintptr_t)src, (uintptr_t)dst, 64, &fa);
     check(st == DMA_STATUS_XLATE_FAULT && fa == (uintptr_t)src, "unattached: STATUS %u at 0x%llx", st,
           (unsigned long long)fa);
     expect_fault(VIRTIO_IOMMU_FAULT_R_DOMAIN, VIRTIO_IOMMU_FAULT_F_READ | VIRTIO_IOMMU_FAULT_F_ADDRESS,
@@ -144,18 +144,18 @@ static void dma(void)
     check(viommu_map(&v, DOM, IOVA_RO, IOVA_RO + PAGE_SIZE - 1, (uintptr_t)ro, VIRTIO_IOMMU_MAP_F_READ) == 0,
           "MAP ro READ");
 
-    st = dma2_copy(IOVA_SRC, IOVA_DST, LEN, &fa);
+    st = dma_copy(2, IOVA_SRC, IOVA_DST, LEN, &fa);
     check(st == DMA_STATUS_OK, "copy %u bytes through the IOMMU: STATUS %u", (unsigned)LEN, st);
     check(memcmp(src, dst, LEN) == 0, "destination holds the source bytes");
 
-    st = dma2_copy(IOVA_SRC, IOVA_RO + 16, 32, &fa);
+    st = dma_copy(2, IOVA_SRC, IOVA_RO + 16, 32, &fa);
     check(st == DMA_STATUS_PERM_FAULT && fa == IOVA_RO, "write to READ-only mapping: STATUS %u at 0x%llx", st,
           (unsigned long long)fa);
     expect_fault(VIRTIO_IOMMU_FAULT_R_MAPPING, VIRTIO_IOMMU_FAULT_F_WRITE | VIRTIO_IOMMU_FAULT_F_ADDRESS,
                  IOVA_RO, "read-only");
 
     /* Source runs off the end of its mapping: the first unmapped page faults. */
-    st = dma2_copy(IOVA_SRC + LEN - 8, IOVA_DST, 16, &fa);
+    st = dma_copy(2, IOVA_SRC + LEN - 8, IOVA_DST, 16, &fa);
     check(st == DMA_STATUS_XLATE_FAULT && fa == IOVA_SRC + LEN, "past the mapping: STATUS %u at 0x%llx", st,
           (unsigned long long)fa);
     expect_fault(VIRTIO_IOMMU_FAULT_R_MAPPING, VIRTIO_IOMMU_FAULT_F_READ | VIRTIO_IOMMU_FAULT_F_ADDRESS,
@@ -179,7 +179,7 @@ static void dma(void)
     }
 
     check(viommu_unmap(&v, DOM, IOVA_SRC, IOVA_SRC + LEN - 1) == VIRTIO_IOMMU_S_OK, "UNMAP src");
-    st = dma2_copy(IOVA_SRC, IOVA_DST, 64, &fa);
+    st = dma_copy(2, IOVA_SRC, IOVA_DST, 64, &fa);
     check(st == DMA_STATUS_XLATE_FAULT && fa == IOVA_SRC, "after UNMAP: STATUS %u", st);
     expect_fault(VIRTIO_IOMMU_FAULT_R_MAPPING, VIRTIO_IOMMU_FAULT_F_READ | VIRTIO_IOMMU_FAULT_F_ADDRESS,
                  IOVA_SRC, "after UNMAP");
@@ -189,16 +189,16 @@ static void dma(void)
     mmio_write8(v.base + VIRTIO_MMIO_CONFIG + VIRTIO_IOMMU_CFG_BYPASS, 1);
     check(mmio_read8(v.base + VIRTIO_MMIO_CONFIG + VIRTIO_IOMMU_CFG_BYPASS) == 1, "bypass written to 1");
     memset(dst, 0, LEN);
-    st = dma2_copy((uintptr_t)src, (uintptr_t)dst, LEN, &fa);
+    st = dma_copy(2, (uintptr_t)src, (uintptr_t)dst, LEN, &fa);
     check(st == DMA_STATUS_OK && memcmp(src, dst, LEN) == 0, "unattached + bypass: identity copy (STATUS %u)", st);
     check(viommu_attach(&v, DOM, EP, VIRTIO_IOMMU_ATTACH_F_BYPASS) == 0, "ATTACH bypass domain");
     check(viommu_map(&v, DOM, 0, PAGE_SIZE - 1, 0, 1) == VIRTIO_IOMMU_S_INVAL, "MAP on bypass domain: INVAL");
     mmio_write8(v.base + VIRTIO_MMIO_CONFIG + VIRTIO_IOMMU_CFG_BYPASS, 0);
     memset(dst, 0, LEN);
-    st = dma2_copy((uintptr_t)src, (uintptr_t)dst, LEN, &fa);
+    st = dma_copy(2, (uintptr_t)src, (uintptr_t)dst, LEN, &fa);
     check(st == DMA_STATUS_OK && memcmp(src, dst, LEN) == 0, "bypass domain: identity copy (STATUS %u)", st);
     check(viommu_detach(&v, DOM, EP) == VIRTIO_IOMMU_S_OK, "DETACH bypass domain");
-    st = dma2_copy((uintptr_t)src, (uintptr_t)dst, 64, &fa);
+    st = dma_copy(2, (uintptr_t)src, (uintptr_t)dst, 64, &fa);
     check(st == DMA_STATUS_XLATE_FAULT, "detached, bypass 0: refused (STATUS %u)", st);
     expect_fault(VIRTIO_IOMMU_FAULT_R_DOMAIN, VIRTIO_IOMMU_FAULT_F_READ | VIRTIO_IOMMU_FAULT_F_ADDRESS,
                  (uintptr_t)src, "detached");

@@ -19,19 +19,4 @@ void demo_ram(void);
 void demo_ipmmu(void) __attribute__((weak));
 void demo_virtio_iommu(void) __attribute__((weak));
 
-/* A u64 device register read as two 32-bit halves, low half at the lower
- * address, as DESIGN.md allows (and as 32-bit guest code has to). */
-static inline uint64_t mmio_read64_halves(uint64_t addr)
-{
-    uint64_t lo = mmio_read32(addr);
-    uint64_t hi = mmio_read32(addr + 4);
-    return lo | (hi << 32);
-}
-
-static inline void mmio_write64_halves(uint64_t addr, uint64_t v)
-{
-    mmio_write32(addr, (uint32_t)v);
-    mmio_write32(addr + 4, (uint32_t)(v >> 32));
-}
-
 #endif

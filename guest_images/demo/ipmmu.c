@@ -71,7 +71,7 @@ static void stage1_scene(void)
 static void stage2_scene(void)
 {
     const unsigned c = 2;
-    uint64_t p2m = read64_halves(SYSINFO_BASE + SYSINFO_P2M_ROOT);
+    uint64_t p2m = mmio_read64_halves(SYSINFO_BASE + SYSINFO_P2M_ROOT);
     char *src = alloc_pages(1), *dst = alloc_pages(1);
 
     if (!src || !dst) {

@@ -38,10 +38,10 @@ void demo_virtio_iommu(void)
     check(viommu_map(&v, DEMO_DOM, DEMO_DST, DEMO_DST + PAGE_SIZE - 1, (uintptr_t)dst,
                      VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE) == 0,
           "MAP 0x%llx -> %p READ|WRITE", (unsigned long long)DEMO_DST, (void *)dst);
-    uint32_t st = dma2_copy(DEMO_SRC, DEMO_DST, PAGE_SIZE, &fa);
+    uint32_t st = dma_copy(2, DEMO_SRC, DEMO_DST, PAGE_SIZE, &fa);
     check(st == DMA_STATUS_OK && memcmp(src, dst, PAGE_SIZE) == 0, "dma2 copies IOVA to IOVA (STATUS %u)", st);
 
-    st = dma2_copy(DEMO_DST, DEMO_SRC, 64, &fa);
+    st = dma_copy(2, DEMO_DST, DEMO_SRC, 64, &fa);
     struct virtio_iommu_fault f = { 0 };
     uint32_t len = 0;
     int got = viommu_next_fault(&v, &f, &len);

@@ -9,6 +9,7 @@
 
 #include "runtime.h"
 #include "board.h"
+#include "dma.h"
 
 /* ---- context registers (context c at c * 0x40; root holds them) -------- */
 #define IM_CTX_SIZE             0x40
@@ -73,31 +74,22 @@ static inline void ctx_write(uint64_t base, unsigned c, uint32_t reg, uint32_t v
     mmio_write32(base + IPMMU_CTX_REG(c, reg), v);
 }
 
-/* ---- sysinfo and the DMA engines ---------------------------------------- */
-static inline uint64_t read64_halves(uint64_t addr)
+/* Both drivers' fault handler for one context: IMSTR (0 when no fault bit is set); the faulting
+ * address from IMELAR/IMEUAR, read before IMSTR is cleared by writing 0 (clearing zeroes them). */
+static inline uint32_t ipmmu_domain_irq(uint64_t root, unsigned c, uint64_t *iova)
 {
-    uint64_t lo = mmio_read32(addr);
-    return lo | ((uint64_t)mmio_read32(addr + 4) << 32);
+    uint32_t status = ctx_read(root, c, IMSTR);
+    if (!(status & IMSTR_ERR_MASK))
+        return 0;
+    *iova = ctx_read(root, c, IMELAR) | (uint64_t)ctx_read(root, c, IMEUAR) << 32;
+    ctx_write(root, c, IMSTR, 0);
+    return status;
 }
 
+/* ---- sysinfo and the DMA engines ---------------------------------------- */
 static inline int board_is_direct(void)
 {
     return (mmio_read32(SYSINFO_BASE + SYSINFO_FLAGS) & SYSINFO_F_DIRECT) != 0;
-}
-
-/* One copy through engine n; returns STATUS, stores FAULT_ADDR in *fault. */
-static inline uint32_t dma_copy(unsigned n, uint64_t src, uint64_t dst, uint32_t len, uint64_t *fault)
-{
-    uint64_t base = DMA_ENGINE(n);
-    mmio_write32(base + DMA_SRC, (uint32_t)src);
-    mmio_write32(base + DMA_SRC + 4, (uint32_t)(src >> 32));
-    mmio_write32(base + DMA_DST, (uint32_t)dst);
-    mmio_write32(base + DMA_DST + 4, (uint32_t)(dst >> 32));
-    mmio_write32(base + DMA_LEN, len);
-    mmio_write32(base + DMA_CTRL, DMA_CTRL_RUN);
-    if (fault)
-        *fault = read64_halves(base + DMA_FAULT_ADDR);
-    return mmio_read32(base + DMA_STATUS);
 }
 
 /* ---- io-pgtable ARM_32_LPAE_S1 with IO_PGTABLE_QUIRK_ARM_NS (Linux) ----- */

@@ -13,6 +13,7 @@
 
 #include "runtime.h"
 #include "board.h"
+#include "dma.h"
 
 /* ---- virtio-mmio registers (32-bit) ---------------------------------------- */
 #define VIRTIO_MMIO_MAGIC_VALUE         0x000
@@ -454,23 +455,6 @@ static inline int viommu_next_fault(struct viommu *v, struct virtio_iommu_fault 
     viommu_post_event(v, (uint16_t)e.id);
     vio_w32(v, VIRTIO_MMIO_QUEUE_NOTIFY, 1);
     return 1;
-}
-
-/* ---- dma2 (behind virtio-iommu endpoint 2) ---------------------------------- */
-
-static inline uint32_t dma2_copy(uint64_t src, uint64_t dst, uint32_t len, uint64_t *fault_addr)
-{
-    uint64_t base = DMA_ENGINE(2);
-    mmio_write32(base + DMA_SRC, (uint32_t)src);
-    mmio_write32(base + DMA_SRC + 4, (uint32_t)(src >> 32));
-    mmio_write32(base + DMA_DST, (uint32_t)dst);
-    mmio_write32(base + DMA_DST + 4, (uint32_t)(dst >> 32));
-    mmio_write32(base + DMA_LEN, len);
-    mmio_write32(base + DMA_CTRL, DMA_CTRL_RUN);
-    if (fault_addr)
-        *fault_addr = (uint64_t)mmio_read32(base + DMA_FAULT_ADDR) |
-                      ((uint64_t)mmio_read32(base + DMA_FAULT_ADDR + 4) << 32);
-    return mmio_read32(base + DMA_STATUS);
 }
 
 #endif

@@ -158,6 +158,20 @@ static inline void mmio_write64(uint64_t addr, uint64_t v)
     __asm__ volatile("movq %1, %0" : "=m"(*MMIO_PTR(uint64_t, addr)) : "r"(v) : "memory");
 }
 
+/* A u64 device register as two 32-bit accesses, low half at the lower address, as DESIGN.md
+ * allows and as 32-bit guest code has to. */
+static inline uint64_t mmio_read64_halves(uint64_t addr)
+{
+    uint64_t lo = mmio_read32(addr);
+    return lo | ((uint64_t)mmio_read32(addr + 4) << 32);
+}
+
+static inline void mmio_write64_halves(uint64_t addr, uint64_t v)
+{
+    mmio_write32(addr, (uint32_t)v);
+    mmio_write32(addr + 4, (uint32_t)(v >> 32));
+}
+
 /* ------------------------------------------------------------------------ */
 /* CPU control. */
 
