@@ -65,6 +65,13 @@ def test_bad_boards(data, words):
         parse_board(data, "test.toml")
 
 
+def test_board_device_missing_a_key_names_it():
+    spec = load_board("rcar-virt")
+    spec.devices.append({"type": "dma", "name": "dma9", "base": 0x0B009000})
+    with pytest.raises(BoardError, match="device 'dma9' needs a value for 'irq'"):
+        Machine(spec)
+
+
 def test_unprotected_masters_logged_at_start(caplog):
     with caplog.at_level(logging.WARNING, logger="vmm"):
         m = Machine.from_board("rcar-virt")

@@ -19,6 +19,13 @@ def _machine(args):
     return Machine.from_board(args.board, p2m=args.p2m, ram=getattr(args, "ram", None))
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 (no limit) or more seconds")
+    return value
+
+
 def cmd_run(args) -> int:
     m = _machine(args)
     if not args.json:
@@ -78,7 +85,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--board", default="rcar-virt")
     r.add_argument("--p2m", choices=["direct", "scattered"], default=None)
     r.add_argument("--ram", default=None, help="guest RAM size, e.g. 256M")
-    r.add_argument("--timeout", type=float, default=10.0, help="seconds before a runaway guest is stopped")
+    r.add_argument("--timeout", type=_seconds, default=10.0,
+                   help="seconds before a runaway guest is stopped (0: no limit)")
     r.add_argument("--record", metavar="TRACE", help="write a replayable qtest-language trace of the run")
     r.add_argument("--json", action="store_true", help="print a JSON summary instead of streaming the console")
     r.set_defaults(func=cmd_run)

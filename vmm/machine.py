@@ -176,7 +176,10 @@ class Machine:
                 self.mmio.add(spec["base"], size, dev, spec["name"])
             except BusError as e:
                 raise boards.BoardError(f"{self.board.source}: {e}") from None
-            except (KeyError, ValueError, TypeError) as e:
+            except KeyError as e:
+                raise boards.BoardError(f"{self.board.source}: device {spec['name']!r} needs a value for "
+                                        f"{e.args[0]!r}") from None
+            except (ValueError, TypeError) as e:
                 raise boards.BoardError(f"{self.board.source}: device {spec['name']!r}: {e}") from None
             self.devices[spec["name"]] = dev
             if spec["type"] == "dma":
