@@ -5,7 +5,7 @@ exit, but its memory hook sees every access whole, before it happens. So the pag
 devices are backed by host memory of our own: the memory hook performs the access on the bus
 with its real width and, for a read, drops the value into the backing page, from which the
 guest's load then reads it. One Python callback per access, and devices see the same accesses
-on both backends. The rest of the space below 4 GiB is ``mmio_map``-ed (unclaimed accesses:
+on both backends. The rest of the physical space (40 bits) is ``mmio_map``-ed (unclaimed accesses:
 reads 0), where the hook does the access and the split callbacks only hand back the halves.
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ from vmm.backends import EXIT_CRASHED, EXIT_HALTED, EXIT_TIMEOUT, RunResult
 _PACK = {n: struct.Struct(f).pack_into for n, f in ((1, "<B"), (2, "<H"), (4, "<I"), (8, "<Q"))}
 _MASK = {n: (1 << (8 * n)) - 1 for n in (1, 2, 4, 8)}
 BOOT_GDT = 0x5000        # below hvm_start_info; the payload loads its own GDT at once
-FOUR_GIB = 1 << 32
+PHYS_LIMIT = 1 << 40        # unclaimed accesses anywhere below read 0, as on KVM
 PAGE = 4096
 ADDR_MASK = 0x000FFFFFFFFFF000     # physical address bits of a page-table entry
 
@@ -72,7 +72,7 @@ def _page_cover(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(lo, hi - lo) for lo, hi in spans]
 
 
-def _gaps(taken: list[tuple[int, int]], limit: int = FOUR_GIB) -> list[tuple[int, int]]:
+def _gaps(taken: list[tuple[int, int]], limit: int = PHYS_LIMIT) -> list[tuple[int, int]]:
     """What is left of [0, limit) once the (sorted, disjoint) taken spans are removed."""
     gaps, cursor = [], 0
     for start, size in sorted(taken):
@@ -100,7 +100,7 @@ class EmulatedBackend:
         self._hook_error: BaseException | None = None
         self._cfuncs: list = []     # keep the ctypes trampolines alive
         devices = [s for s in _page_cover([(start, size) for start, size, _ in machine.mmio.ranges()])
-                   if s[0] + s[1] <= FOUR_GIB and not any(r[0] < s[0] + s[1] and s[0] < r[0] + r[1] for r in ram)]
+                   if s[0] + s[1] <= PHYS_LIMIT and not any(r[0] < s[0] + s[1] and s[0] < r[0] + r[1] for r in ram)]
         self._backing = []
         for base, size in devices:
             backing = mmap.mmap(-1, size)
