@@ -3,6 +3,8 @@ answer as the pure-Python ReferenceWalker configured the way facts/ipmmu.md sect
 registers (long descriptors, NS quirk, AP[2] only, no AF check, 40-bit output)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -33,7 +35,7 @@ def shift(level: int) -> int:
     return 12 + 9 * (3 - level)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(os.environ.get("IOMMU_LAB_HYPOTHESIS_EXAMPLES", "200")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_ipmmu_matches_reference_walker(env, data):
     rig, pool, ref = env
