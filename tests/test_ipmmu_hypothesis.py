@@ -35,7 +35,8 @@ def shift(level: int) -> int:
     return 12 + 9 * (3 - level)
 
 
-@settings(max_examples=int(os.environ.get("IOMMU_LAB_HYPOTHESIS_EXAMPLES", "200")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(os.environ.get("IOMMU_LAB_HYPOTHESIS_EXAMPLES", "200")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_ipmmu_matches_reference_walker(env, data):
     rig, pool, ref = env
