@@ -224,7 +224,6 @@ def test_fuzz_random_chains_and_requests(m):
     dev.needs_reset_reasons.clear()
     d.init(events=1)
     alive(d)
-    assert elapsed < 90, f"fuzz took {elapsed:.1f} s"
     print(f"fuzz: {cases} cases in {elapsed:.1f} s, {resets} ended in DEVICE_NEEDS_RESET, "
           f"{dev.backend.requests} requests seen")
     assert dev.backend.requests > cases // 2
