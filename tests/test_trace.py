@@ -156,8 +156,8 @@ def test_machine_replay_returns_a_result(machine, tmp_path):
 
 
 def test_progress_bar_on_a_terminal(machine, monkeypatch, capsys):
-    monkeypatch.setattr(trace, "PROGRESS_MIN_OPS", 10)
-    monkeypatch.setattr(trace, "CHUNK", 4)
+    monkeypatch.setattr(trace.replay, "PROGRESS_MIN_OPS", 10)
+    monkeypatch.setattr(trace.replay, "CHUNK", 4)
     r = replay_text(machine, "readl 0xfff00044\nOK 0x4f20\n" * 20, progress=True)
     assert r.ok
     err = capsys.readouterr().err
