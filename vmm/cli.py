@@ -37,7 +37,8 @@ def cmd_run(args) -> int:
     recorder = None
     if args.record:
         from vmm.trace import Recorder
-        recorder = Recorder(m, args.record)
+        recorder = Recorder(m, args.record, note=f"recorded from: vmm run {find_image(args.image)} "
+                            f"--backend {args.backend} --p2m {m.board.p2m}")
     try:
         result = m.run(args.image, backend=args.backend, timeout=args.timeout)
     finally:
