@@ -51,12 +51,11 @@ from unicorn.x86_const import (
 )
 
 from vmm.backends import EXIT_CRASHED, EXIT_HALTED, EXIT_TIMEOUT, RunResult
+from vmm.memory import PAGE
 
 _PACK = {n: struct.Struct(f).pack_into for n, f in ((1, "<B"), (2, "<H"), (4, "<I"), (8, "<Q"))}
-_MASK = {n: (1 << (8 * n)) - 1 for n in (1, 2, 4, 8)}
 BOOT_GDT = 0x5000        # below hvm_start_info; the payload loads its own GDT at once
 PHYS_LIMIT = 1 << 40        # unclaimed accesses anywhere below read 0, as on KVM
-PAGE = 4096
 ADDR_MASK = 0x000FFFFFFFFFF000     # physical address bits of a page-table entry
 
 
@@ -201,7 +200,7 @@ class EmulatedBackend:
         def trampoline(uch, access, addr, size, value, ud):
             try:
                 if access == UC_MEM_WRITE:
-                    m.mmio_write(addr, size, value & _MASK[size])
+                    m.mmio_write(addr, size, value)     # the bus masks to the access width
                 else:
                     _PACK[size](view, addr - base, m.mmio_read(addr, size))
             except BaseException as e:        # noqa: BLE001 - re-raised once emu_start returns
@@ -216,7 +215,7 @@ class EmulatedBackend:
 
     def _mem_hook(self, access, addr, size, value):
         if access == UC_MEM_WRITE:
-            self.machine.mmio_write(addr, size, value & ((1 << (8 * size)) - 1))
+            self.machine.mmio_write(addr, size, value)
         else:
             self._pending = self.machine.mmio_read(addr, size)
 

@@ -16,6 +16,7 @@ import struct
 import threading
 
 from vmm.backends import EXIT_CRASHED, EXIT_HALTED, EXIT_TIMEOUT, BackendUnavailable, RunResult
+from vmm.memory import PAGE
 
 KVM_GET_API_VERSION = 0xAE00
 KVM_CREATE_VM = 0xAE01
@@ -36,7 +37,6 @@ MSR_MTRR_DEF_TYPE = 0x2FF
 MTRR_ENABLE_WB = (1 << 11) | 6      # MTRRs enabled, default type write-back
 KVM_GET_DIRTY_LOG = 0x4010AE42
 KVM_MEM_LOG_DIRTY_PAGES = 1
-PAGE = 4096
 
 EXIT_IO, EXIT_HLT, EXIT_MMIO, EXIT_SHUTDOWN, EXIT_FAIL_ENTRY = 2, 5, 6, 8, 9
 EXIT_INTR, EXIT_INTERNAL_ERROR, EXIT_SYSTEM_EVENT = 10, 17, 24

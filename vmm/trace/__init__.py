@@ -36,7 +36,8 @@ devices wrote needs no line (the twin's devices wrote it too, as replay's will).
 also checked on the twin as it is recorded, so a trace that would not replay is noticed at once.
 """
 
-from vmm.trace.language import PAGE, Request, Trace, TraceError, parse
+from vmm.memory import PAGE
+from vmm.trace.language import Request, Trace, TraceError, parse
 from vmm.trace.record import Recorder, changed_runs, resident_pages
 from vmm.trace.replay import (
     ReplayResult,

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from vmm.machine import Machine
 
-from vmm.trace.language import _SUFFIX, PAGE
+from vmm.memory import PAGE
+from vmm.trace.language import _SUFFIX
 
 log = logging.getLogger("vmm")
 
