@@ -8,15 +8,11 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    pass
+from typing import Any
 
 log = logging.getLogger("vmm")
 
 
-PAGE = 4096
 EXIT_OK, EXIT_MISMATCH, EXIT_ERROR = 0, 1, 2
 MAX_BLOB = 1 << 30                      # read/write/memset sizes beyond this are a typo, not a trace
 
@@ -37,38 +33,36 @@ class TraceError(Exception):
         self.reason = reason
 
 
-class _Fail:
-    """An expected ``FAIL``/``ERR`` reply: equal to nothing, so the replay loop takes its slow path."""
+class _NeverEqual:
+    """Equal to nothing, so the replay loop's fast ``got == expect`` check sends it to the slow path."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return False
+
+    def __ne__(self, other: object) -> bool:
+        return True
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class _Fail(_NeverEqual):
+    """An expected ``FAIL``/``ERR`` reply."""
 
     __slots__ = ("text",)
 
     def __init__(self, text: str) -> None:
         self.text = text
 
-    def __eq__(self, other: object) -> bool:
-        return False
 
-    def __ne__(self, other: object) -> bool:
-        return True
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-class _Failed:
+class _Failed(_NeverEqual):
     """What a guest-memory request returns when its range is not guest RAM."""
 
     __slots__ = ("why",)
 
     def __init__(self, why: str) -> None:
         self.why = why
-
-    def __eq__(self, other: object) -> bool:
-        return False
-
-    def __ne__(self, other: object) -> bool:
-        return True
-
-    __hash__ = None  # type: ignore[assignment]
 
 
 class _Succeeded:
