@@ -12,8 +12,8 @@ $(STAMP): pyproject.toml setup.py requirements.txt vmm/walker/walker.c vmm/walke
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.txt
+	rm -f vmm/walker/_walker*.so   # the editable install compiles the walker in place; no stale copy may shadow it
 	$(BIN)/python -m pip install -q --no-build-isolation -e .
-	$(BIN)/python vmm/walker/build.py
 	touch $@
 
 guests:
