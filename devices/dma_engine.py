@@ -10,8 +10,9 @@ from __future__ import annotations
 import construct as cs
 
 from devices.regs import RegisterMap, merge
-from vmm.dma import STATUS_BAD_LENGTH, STATUS_OK, DmaFault, DmaPort
+from vmm.dma import STATUS_BAD_LENGTH, STATUS_OK, DeviceMemory, DmaFault
 from vmm.irq import IrqLine
+from vmm.registry import DeviceType, Key
 
 ID_VALUE = 0x31414D44   # "DMA1"
 MAX_LEN = 1 << 20
@@ -35,7 +36,9 @@ WRITABLE = {"SRC", "DST", "LEN"}
 
 
 class DmaEngine:
-    def __init__(self, port: DmaPort, irq: IrqLine, master_id: int) -> None:
+    LAYOUT = LAYOUT
+
+    def __init__(self, port: DeviceMemory, irq: IrqLine, master_id: int) -> None:
         self.port = port
         self.irq = irq
         self.regs = {name: 0 for name in LAYOUT.fields}
@@ -81,3 +84,13 @@ class DmaEngine:
         if irq:
             self.regs["IRQ_STATUS"] = 1
             self.irq.raise_()
+
+
+def build(ctx, spec: dict) -> tuple[DmaEngine, int]:
+    return DmaEngine(ctx.dma_memory(spec), ctx.irq(spec["irq"]), spec["master"]), spec["size"]
+
+
+DEVICE = DeviceType(
+    "dma", build, master=True, doc="a memory-to-memory DMA engine: the bus master payloads and traces drive",
+    keys=(Key("irq", int, doc="interrupt line raised when a copy with CTRL bit 1 ends"),
+          Key("size", int, 0x1000, "window size")))

@@ -67,7 +67,8 @@ from devices.ipmmu_regs import (
     WINDOW,
 )
 from devices.ipmmu_regs import CTX_REGS as _CTX_REGS
-from vmm.dma import STATUS_PERMISSION, STATUS_TRANSLATION, DmaFault, Runs
+from vmm.dma import STATUS_PERMISSION, STATUS_TRANSLATION, DmaFault, Refuse, Runs
+from vmm.registry import DeviceType, Key
 from vmm.walker import (
     ACCESS_FLAG,
     ADDRESS_SIZE,
@@ -159,13 +160,13 @@ class Ipmmu:
             self._root = self._resolve(self._root_name)
         return self._root
 
-    def translator(self, master_id: int, domain=None) -> UtlbTranslator | NoUtlb:
+    def translator(self, master_id: int, domain=None) -> UtlbTranslator | Refuse:
         """The port of the master wired to uTLB ``master_id``. The master's domain does not enter
         into it: the context IMUCTR.TTSEL names decides, whoever the master belongs to."""
         if not 0 <= master_id < self.nutlbs:
             log.warning("%s: master wired to uTLB %d, but the instance has %d uTLBs; its DMA aborts",
                         self.name, master_id, self.nutlbs)
-            return NoUtlb(f"{self.name} has no uTLB {master_id}")
+            return Refuse(f"{self.name} has no uTLB {master_id}", STATUS_TRANSLATION)
         return UtlbTranslator(self, master_id)
 
     # -- register access ------------------------------------------------------------------------
@@ -337,16 +338,16 @@ class Ipmmu:
             return [(iova, length)]                   # pass-through: machine address
         c = (imuctr >> IMUCTR_TTSEL_SHIFT) & 0xF
         if c >= self.nctx:
-            raise DmaFault(STATUS_TRANSLATION, iova & PAGE_MASK, f"TTSEL {c} names no context")
+            raise DmaFault(STATUS_TRANSLATION, iova, f"TTSEL {c} names no context")
         mode = self.modes[c]
         if mode is None:
             mode = self.modes[c] = self.mode(c)
         if not mode.ok:
-            self._config_fault(c, iova & PAGE_MASK, mode.why)
+            self._config_fault(c, iova, mode.why)
         end = iova + length
         if end > mode.limit:
             if iova >= mode.limit:
-                self._config_fault(c, iova & PAGE_MASK, "input address beyond the input size")
+                self._config_fault(c, iova, "input address beyond the input size")
             self._walk(c, mode.wctx, iova, mode.limit - iova, write)
             self._config_fault(c, mode.limit, "input address beyond the input size")
         return self._walk(c, mode.wctx, iova, length, write)
@@ -366,7 +367,7 @@ class Ipmmu:
             i = next(i for i, f in enumerate(fault) if f)
             res = decode_fault(fault[i], out[i])
             bit, errcode, status = FAULT_MAP.get(res.kind, FAULT_MAP[TRANSLATION])
-            address = max(res.address & PAGE_MASK, iova & PAGE_MASK)
+            address = max(res.address & PAGE_MASK, iova)      # the first byte of the failing page touched
             self.record_fault(c, bit, errcode, res.level, address)
             raise DmaFault(status, address, f"{self.name} context {c}: {res}")
         first = out[0]
@@ -396,37 +397,24 @@ class UtlbTranslator:
         return root.translate(self.inst.imuctr[self.u], iova, length, write)
 
 
-class NoUtlb:
-    """A master wired to a uTLB the instance does not have: every access aborts, nothing recorded."""
-
-    def __init__(self, why: str) -> None:
-        self.why = why
-
-    def translate(self, iova: int, length: int, write: bool) -> Runs:
-        raise DmaFault(STATUS_TRANSLATION, iova & PAGE_MASK, self.why)
-
-
-def build(ctx, spec: dict):
+def build(ctx, spec: dict) -> tuple[Ipmmu, int]:
     """Board entry ``type = "ipmmu"``: ``role = "root"`` (``irq``, ``contexts``) or ``"cache"``
     (``root``, ``utlbs``). The root registers a listener on every domain's P2M."""
-    role = spec.get("role", "root")
-    if role not in ("root", "cache"):
-        raise ValueError(f"role must be 'root' or 'cache', not {role!r}")
-    utlbs = int(spec.get("utlbs", 48))
+    role, utlbs = spec["role"], spec["utlbs"]
     if not 0 <= utlbs <= MAX_UTLBS:
         raise ValueError(f"utlbs must be 0..{MAX_UTLBS}")
     if role == "root":
-        contexts = int(spec.get("contexts", MAX_CONTEXTS))
+        contexts = spec["contexts"]
         if not 1 <= contexts <= MAX_CONTEXTS:
             raise ValueError(f"contexts must be 1..{MAX_CONTEXTS} (Gen3 layout)")
-        irq = ctx.irq(int(spec["irq"])) if "irq" in spec else None
+        irq = ctx.irq(spec["irq"]) if spec.get("irq") is not None else None
         dev = Ipmmu(spec["name"], role, ctx.walker, contexts, utlbs, irq=irq)
         dev.wctx = [ctx.alloc_ctx_id() for _ in range(contexts)]
         for dom in ctx.machine.domains.values():
             dom.p2m.listeners.append(functools.partial(dev.p2m_changed, dom.p2m))
     else:
         root = spec.get("root")
-        roots = {d["name"] for d in ctx.board.devices if d.get("type") == "ipmmu" and d.get("role", "root") == "root"}
+        roots = {d["name"] for d in ctx.board.devices if d["type"] == "ipmmu" and d["role"] == "root"}
         if root not in roots:
             raise ValueError(f"a cache IPMMU needs root = one of {sorted(roots)}, not {root!r}")
 
@@ -435,3 +423,12 @@ def build(ctx, spec: dict):
 
         dev = Ipmmu(spec["name"], role, ctx.walker, 0, utlbs, root_name=root, resolve=resolve)
     return dev, WINDOW
+
+
+DEVICE = DeviceType(
+    "ipmmu", build, doc="Renesas IPMMU-VMSA (R-Car Gen3): a root (IPMMU-MM) or a cache instance",
+    keys=(Key("role", str, "root", "root owns the contexts; a cache owns uTLBs", choices=("root", "cache")),
+          Key("irq", int, None, "fault interrupt line (root)"),
+          Key("contexts", int, MAX_CONTEXTS, "contexts of a root, 1..8"),
+          Key("utlbs", int, 48, f"micro-TLBs, 0..{MAX_UTLBS}"),
+          Key("root", str, None, "the root instance a cache belongs to", ref="device")))

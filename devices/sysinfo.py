@@ -9,6 +9,7 @@ from __future__ import annotations
 import construct as cs
 
 from devices.regs import RegisterMap
+from vmm.registry import DeviceType, Key
 
 MAGIC = 0x4F464E49   # "INFO"
 FLAG_DIRECT = 1 << 0
@@ -37,3 +38,16 @@ class SysInfo:
 
     def write(self, offset: int, size: int, value: int) -> None:
         pass   # read-only
+
+
+def build(ctx, spec: dict) -> tuple[SysInfo, int]:
+    dom = ctx.domain(spec["domain"])
+    dev = SysInfo(ram_size=dom.ram_size, p2m_root=dom.p2m.root, vtcr=dom.p2m.vtcr, ipa_bits=40,
+                  direct=dom.direct)
+    return dev, spec["size"]
+
+
+DEVICE = DeviceType(
+    "sysinfo", build, doc="read-only facts about a domain: RAM size, P2M root and VTCR, direct-mapped or not",
+    keys=(Key("domain", str, "dom0", "the domain it describes", ref="domain"),
+          Key("size", int, 0x1000, "window size")))

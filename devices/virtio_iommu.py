@@ -28,6 +28,7 @@ import construct as cs
 from devices.virtqueue import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, Chain, RingError, compile_layout
 from vmm.dma import STATUS_PERMISSION, STATUS_TRANSLATION, DmaFault, Runs, Translator
 from vmm.memory import PAGE
+from vmm.registry import DeviceType, Key
 
 if TYPE_CHECKING:
     from devices.virtio_mmio import VirtioMmio
@@ -496,7 +497,7 @@ class EndpointTranslator:
 
     Looks the endpoint's state up on every call (attach/detach take effect at once). A refusal
     by the IOMMU (no domain, no mapping, missing permission) reports one fault event and raises
-    DmaFault(2 or 3, lowest IOVA of the failing page). A GPA the P2M refuses raises DmaFault
+    DmaFault(2 or 3, the first byte of the failing page the access touches). A GPA the P2M refuses raises DmaFault
     with the IOVA of that page but reports no virtio-iommu event: the IOMMU translated fine,
     the stage-2 owner refused (like DmaPort's "outside machine memory").
     """
@@ -516,20 +517,21 @@ class EndpointTranslator:
             raise DmaFault(STATUS_TRANSLATION, iova & ~(PAGE - 1), f"internal error: {e!r}") from None
 
     def _fault(self, reason: int, status: int, addr: int, write: bool) -> DmaFault:
-        page = addr & ~(PAGE - 1)
+        """``addr`` is the first byte of the failing page the access touches (its start, or the
+        page base where a later page fails): the event and the master's FAULT_ADDR carry it."""
         flags = (FAULT_F_WRITE if write else FAULT_F_READ) | FAULT_F_ADDRESS
-        self.dev.report_fault(reason, flags, self.endpoint, page)
-        return DmaFault(status, page, "virtio-iommu refused the access")
+        self.dev.report_fault(reason, flags, self.endpoint, addr)
+        return DmaFault(status, addr, "virtio-iommu refused the access")
 
     def _gpa(self, iova: int, gpa: int, length: int, write: bool) -> Runs:
         """GPA -> machine runs through the P2M; a P2M fault is reported at the matching IOVA."""
         try:
             if gpa + length > 1 << 64:
-                raise DmaFault(STATUS_TRANSLATION, gpa & ~(PAGE - 1), "beyond the address space")
+                raise DmaFault(STATUS_TRANSLATION, gpa, "beyond the address space")
             return self.p2m.translate(gpa, length, write)
         except DmaFault as e:
-            delta = max(e.address, gpa & ~(PAGE - 1)) - (gpa & ~(PAGE - 1))
-            raise DmaFault(e.status, (iova & ~(PAGE - 1)) + delta, e.why) from None
+            delta = max(e.address, gpa) - gpa           # both first bytes of the failing page touched
+            raise DmaFault(e.status, iova + delta, e.why) from None
 
     def _translate(self, iova: int, length: int, write: bool) -> Runs:
         dev = self.dev
@@ -583,12 +585,17 @@ DISPATCH: dict[int, tuple[struct.Struct, Handler]] = {
 
 def build_backend(ctx: BuildContext, spec: dict) -> VirtioIommu:
     """``backend = "virtio-iommu"``: endpoints from the board entry (or, failing that, the master
-    IDs of the DMA engines wired to it), ``max_mappings`` per domain, bypass at system reset from
+    IDs of the bus masters wired to it), ``max_mappings`` per domain, bypass at system reset from
     the board's ``boot_bypass``."""
     endpoints = spec.get("endpoints")
     if endpoints is None:
-        endpoints = [int(d.get("master", 0)) for d in ctx.board.devices if d.get("iommu") == spec["name"]]
-    max_mappings = int(spec.get("max_mappings", DEFAULT_MAX_MAPPINGS))
-    if max_mappings < 0:
+        endpoints = [d.get("master", 0) for d in ctx.board.devices if d.get("iommu") == spec["name"]]
+    if spec["max_mappings"] < 0:
         raise ValueError("max_mappings must be >= 0")
-    return VirtioIommu([int(e) for e in endpoints], bool(ctx.board.boot_bypass), max_mappings)
+    return VirtioIommu(endpoints, bool(ctx.board.boot_bypass), spec["max_mappings"])
+
+
+DEVICE = DeviceType(
+    "virtio-iommu", build_backend, kind="virtio", doc="virtio-iommu (device 23), spec-strict",
+    keys=(Key("endpoints", list, None, "endpoint IDs (default: the masters wired to it)", items=int),
+          Key("max_mappings", int, DEFAULT_MAX_MAPPINGS, "MAP requests a domain may hold before NOMEM")))

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Protocol
 import construct as cs
 
 from devices.regs import RegisterMap
-from devices.virtqueue import F_VERSION_1, GuestMem, SplitQueue
-from vmm.dma import Refuse, Translator
+from devices.virtqueue import F_VERSION_1, SplitQueue
+from vmm.dma import DeviceMemory, Refuse, Translator
 from vmm.irq import IrqLine
+from vmm.registry import REGISTRY, DeviceType, Key
 
 if TYPE_CHECKING:
     from vmm.machine import Domain
@@ -109,7 +110,7 @@ class Backend(Protocol):
 class VirtioMmio:
     """One virtio-mmio v2 slot with a device behind it."""
 
-    def __init__(self, backend: Backend, irq: IrqLine, mem: GuestMem) -> None:
+    def __init__(self, backend: Backend, irq: IrqLine, mem: DeviceMemory) -> None:
         self.backend = backend
         self.irq = irq
         self.mem = mem
@@ -313,23 +314,21 @@ class EmptySlot:
         pass
 
 
-BACKENDS = {
-    "virtio-iommu": "devices.virtio_iommu:build_backend",
-}
-
-
 def build(ctx: BuildContext, spec: dict) -> tuple[VirtioMmio | EmptySlot, int]:
-    """Board entry ``type = "virtio-mmio"``: an empty slot, or a transport with ``backend``."""
+    """Board entry ``type = "virtio-mmio"``: an empty slot, or a transport with ``backend``, a
+    registered virtio device type (``kind = "virtio"``) whose keys the entry also carries."""
     kind = spec.get("backend")
     if kind is None:
         return EmptySlot(), SLOT_SIZE
-    if kind not in BACKENDS:
-        raise ValueError(f"unknown virtio backend {kind!r} (known: {', '.join(sorted(BACKENDS))})")
-    import importlib
-
-    module, func = BACKENDS[kind].split(":")
-    backend = getattr(importlib.import_module(module), func)(ctx, spec)
-    dom = ctx.domain(spec.get("domain", "dom0"))
-    mem = GuestMem(ctx.gpa_port(dom, spec["name"]), dom.p2m)
-    transport = VirtioMmio(backend, ctx.irq(int(spec["irq"])), mem)
+    backend = REGISTRY.get(kind).build(ctx, spec)
+    dom = ctx.domain(spec["domain"])
+    transport = VirtioMmio(backend, ctx.irq(spec["irq"]), ctx.guest_memory(dom, spec["name"]))
     return transport, SLOT_SIZE
+
+
+DEVICE = DeviceType(
+    "virtio-mmio", build, subtype_key="backend",
+    doc="a virtio-mmio v2 slot; an empty one reads device ID 0",
+    keys=(Key("irq", int, doc="the slot's interrupt line"),
+          Key("backend", str, None, "the virtio device type behind it (e.g. virtio-iommu)"),
+          Key("domain", str, "dom0", "the domain whose guest-physical memory holds its queues", ref="domain")))

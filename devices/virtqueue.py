@@ -5,10 +5,9 @@ meaning of the buffers, and everything in between -- walking descriptor chains (
 indirect), refusing malformed ones, writing used entries and deciding whether the driver wants
 an interrupt (EVENT_IDX or NO_INTERRUPT) -- is the same for every virtio device.
 
-Rings live in guest-physical memory. ``GuestMem`` reaches it through the domain's P2M via the
-``DmaPort`` the machine gives the device, but caches the machine frame of each guest page it has
-touched (flushed by the P2M's change listener), because a request costs half a dozen small ring
-accesses and a walker round trip each would dominate the cost of a request.
+Rings live in guest-physical memory, which the device reaches through the ``DeviceMemory`` the
+machine gives it over the domain's P2M (it caches the machine frame of each page it touched,
+because a request costs half a dozen small ring accesses).
 
 Layouts are declared once with ``construct`` and compiled to ``struct.Struct`` at import time;
 no ``construct`` parse runs per access.
@@ -20,14 +19,13 @@ from typing import TYPE_CHECKING
 
 import construct as cs
 
-from vmm.dma import STATUS_TRANSLATION, DmaFault, DmaPort
+from vmm.dma import DmaFault
 from vmm.memory import PAGE
 
 if TYPE_CHECKING:
-    from vmm.p2m import P2M
+    from vmm.dma import DeviceMemory
 
-PAGE_MASK = ~(PAGE - 1)
-ADDR_LIMIT = 1 << 64
+
 
 # -- layouts ---------------------------------------------------------------------------------
 
@@ -92,151 +90,6 @@ class RingError(Exception):
     """The ring itself (not one request) is unusable: the device must ask for a reset."""
 
 
-# -- guest memory ----------------------------------------------------------------------------
-
-
-class GuestMem:
-    """Guest-physical accesses for a device, with a per-page GPA -> MPA cache.
-
-    Every miss goes through the ``DmaPort`` (P2M walk plus the machine-memory bounds check), so
-    a GPA that is not RAM raises ``DmaFault`` exactly as the port would. The cache is dropped
-    on any P2M change. Port observers (trace recording) still see every byte the device reads.
-    """
-
-    def __init__(self, port: DmaPort, p2m: P2M | None = None) -> None:
-        self.port = port
-        self.view = port.memory.view
-        self._rd: dict[int, int] = {}
-        self._wr: dict[int, int] = {}
-        self._obs = port.observers          # the port's list: observers added later are seen
-        if p2m is not None:
-            p2m.listeners.append(self.flush)
-
-    def flush(self, gpa: int = 0, size: int = 0) -> None:
-        self._rd.clear()
-        self._wr.clear()
-
-    def page(self, page: int, write: bool) -> int:
-        """Machine address of the guest page at ``page`` (page aligned); raises DmaFault."""
-        cache = self._wr if write else self._rd
-        mpa = cache.get(page)
-        if mpa is None:
-            if page < 0 or page + PAGE > ADDR_LIMIT:
-                raise DmaFault(STATUS_TRANSLATION, page & (ADDR_LIMIT - 1), "beyond the address space")
-            runs = self.port.map(page, PAGE, write)
-            if len(runs) != 1 or runs[0][1] != PAGE:
-                raise DmaFault(STATUS_TRANSLATION, page, "page does not map to one frame")
-            mpa = runs[0][0]
-            if len(cache) > 4096:
-                cache.clear()
-            cache[page] = mpa
-        return mpa
-
-    def _observe(self, mpa: int, data: bytes) -> None:
-        for obs in self._obs:
-            obs(mpa, data)
-
-    def unpack(self, st: struct.Struct, gpa: int) -> tuple:
-        off = gpa & (PAGE - 1)
-        if off + st.size <= PAGE:
-            mpa = self._rd.get(gpa - off)
-            if mpa is None:
-                mpa = self.page(gpa - off, False)
-            mpa += off
-            if self._obs:
-                self._observe(mpa, bytes(self.view[mpa:mpa + st.size]))
-            return st.unpack_from(self.view, mpa)
-        return st.unpack(self.read(gpa, st.size))
-
-    def pack(self, st: struct.Struct, gpa: int, *values: int) -> None:
-        off = gpa & (PAGE - 1)
-        if off + st.size <= PAGE:
-            mpa = self._wr.get(gpa - off)
-            if mpa is None:
-                mpa = self.page(gpa - off, True)
-            st.pack_into(self.view, mpa + off, *values)
-        else:
-            self.write(gpa, st.pack(*values))
-
-    def runs(self, gpa: int, length: int, write: bool) -> list[tuple[int, int]]:
-        """Machine runs of [gpa, gpa + length), page by page through the cache."""
-        if length <= 0:
-            return []
-        if gpa < 0 or gpa + length > ADDR_LIMIT:
-            raise DmaFault(STATUS_TRANSLATION, gpa & PAGE_MASK & (ADDR_LIMIT - 1), "beyond the address space")
-        out: list[tuple[int, int]] = []
-        cursor, end = gpa, gpa + length
-        while cursor < end:
-            off = cursor & (PAGE - 1)
-            n = min(PAGE - off, end - cursor)
-            mpa = self.page(cursor - off, write) + off
-            if out and out[-1][0] + out[-1][1] == mpa:
-                out[-1] = (out[-1][0], out[-1][1] + n)
-            else:
-                out.append((mpa, n))
-            cursor += n
-        return out
-
-    def read(self, gpa: int, length: int) -> bytes:
-        view = self.view
-        runs = self.runs(gpa, length, False)
-        data = b"".join(bytes(view[m:m + n]) for m, n in runs)
-        if self._obs:
-            off = 0
-            for m, n in runs:
-                self._observe(m, data[off:off + n])
-                off += n
-        return data
-
-    def write(self, gpa: int, data: bytes) -> None:
-        self.scatter(self.runs(gpa, len(data), True), data)
-
-    def scatter(self, runs: list[tuple[int, int]], data: bytes) -> None:
-        view = self.view
-        off = 0
-        for m, n in runs:
-            view[m:m + n] = data[off:off + n]
-            off += n
-
-    def gather_segments(self, segments: list[tuple[int, int]], length: int) -> bytes:
-        """The first ``length`` bytes of a scatter list (device-readable buffers)."""
-        if len(segments) == 1:
-            gpa, n = segments[0]
-            n = min(n, length)
-            off = gpa & (PAGE - 1)
-            mpa = self._rd.get(gpa - off)
-            if mpa is not None and off + n <= PAGE and not self._obs:
-                mpa += off
-                return bytes(self.view[mpa:mpa + n])
-        parts = []
-        for gpa, n in segments:
-            if length <= 0:
-                break
-            take = min(n, length)
-            parts.append(self.read(gpa, take))
-            length -= take
-        return b"".join(parts)
-
-    def map_segments(self, segments: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
-        """Machine runs for writing the first ``length`` bytes of a scatter list (checked first,
-        so a request whose reply cannot be delivered is refused before it has any effect)."""
-        if len(segments) == 1:
-            gpa, n = segments[0]
-            n = min(n, length)
-            off = gpa & (PAGE - 1)
-            mpa = self._wr.get(gpa - off)
-            if mpa is not None and off + n <= PAGE:
-                return [(mpa + off, n)]
-        out: list[tuple[int, int]] = []
-        for gpa, n in segments:
-            if length <= 0:
-                break
-            take = min(n, length)
-            out.extend(self.runs(gpa, take, True))
-            length -= take
-        return out
-
-
 # -- queues ----------------------------------------------------------------------------------
 
 
@@ -287,7 +140,7 @@ class SplitQueue:
         self.indirect = bool(features & F_INDIRECT_DESC)
 
     # -- available side ------------------------------------------------------------------------
-    def pending(self, mem: GuestMem) -> int:
+    def pending(self, mem: DeviceMemory) -> int:
         """How many chains the driver has made available; RingError if the ring is unreadable
         or claims more than the queue can hold (a driver bug the device cannot recover from)."""
         try:
@@ -299,11 +152,11 @@ class SplitQueue:
             raise RingError(f"avail idx {idx} is {n} ahead of {self.last_avail} (queue size {self.num})")
         return n
 
-    def pop(self, mem: GuestMem) -> Chain:
+    def pop(self, mem: DeviceMemory) -> Chain:
         """Take the next available chain (the caller checked ``pending``)."""
         return self.walk(mem, self.pop_heads(mem, 1)[0])
 
-    def pop_heads(self, mem: GuestMem, n: int) -> list[int]:
+    def pop_heads(self, mem: DeviceMemory, n: int) -> list[int]:
         """Take the next ``n`` available head indices (the caller checked ``pending``): one read
         of the avail ring per contiguous stretch rather than one per request."""
         out: list[int] = []
@@ -319,7 +172,7 @@ class SplitQueue:
             raise RingError(f"available ring unreadable: {e}") from None
         return out
 
-    def walk(self, mem: GuestMem, head: int) -> Chain:
+    def walk(self, mem: DeviceMemory, head: int) -> Chain:
         """The chain starting at descriptor ``head``; a malformed one comes back with ``error``."""
         chain = Chain(head)
         try:
@@ -328,7 +181,7 @@ class SplitQueue:
             chain.error = f"descriptor table unreadable: {e}"
         return chain
 
-    def _walk(self, mem: GuestMem, chain: Chain) -> None:
+    def _walk(self, mem: DeviceMemory, chain: Chain) -> None:
         num = self.num
         i = chain.head
         if i >= num:
@@ -406,11 +259,11 @@ class SplitQueue:
                 return
 
     # -- used side -----------------------------------------------------------------------------
-    def push(self, mem: GuestMem, head: int, length: int) -> None:
+    def push(self, mem: DeviceMemory, head: int, length: int) -> None:
         """Write one used element (not yet published: see ``publish``)."""
         self.push_many(mem, [(head, length)])
 
-    def push_many(self, mem: GuestMem, elems: list[tuple[int, int]]) -> None:
+    def push_many(self, mem: DeviceMemory, elems: list[tuple[int, int]]) -> None:
         """Write used elements (id, len) in order, one write per contiguous stretch of the ring."""
         i, total = 0, len(elems)
         try:
@@ -424,7 +277,7 @@ class SplitQueue:
         except DmaFault as e:
             raise RingError(f"used ring unwritable: {e}") from None
 
-    def publish(self, mem: GuestMem, old_idx: int) -> bool:
+    def publish(self, mem: DeviceMemory, old_idx: int) -> bool:
         """Make the used elements since ``old_idx`` visible; True if the driver wants an interrupt."""
         try:
             mem.pack(U16, self.used + USED_OFF["idx"], self.used_idx)

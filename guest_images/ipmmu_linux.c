@@ -172,13 +172,13 @@ int main(struct hvm_start_info *si)
     section("permission fault (write to a read-only page)");
     st = dma_copy(0, IOVA_DST, IOVA_RO + 0x40, 64, &fault);
     check(st == DMA_STATUS_PERM_FAULT, "dma0 STATUS %u (3 = permission)", st);
-    check(fault == IOVA_RO, "FAULT_ADDR 0x%llx", (unsigned long long)fault);
+    check(fault == IOVA_RO + 0x40, "FAULT_ADDR (the copy's first byte) 0x%llx", (unsigned long long)fault);
     uint64_t iova = 0;
     uint32_t status = ipmmu_domain_irq(ROOT, ctx_id, &iova);
     check(status & IMSTR_PF, "IMSTR 0x%x has PF", status);
     check(IMSTR_ERRCODE(status) == IMSTR_ERRCODE_ACCESS_PERM && IMSTR_ERRLVL(status) == 3,
           "ERRCODE %u (4 ACCESS_PERM), ERRLVL %u", IMSTR_ERRCODE(status), IMSTR_ERRLVL(status));
-    check(iova == IOVA_RO, "IMELAR/IMEUAR = 0x%llx", (unsigned long long)iova);
+    check(iova == IOVA_RO + 0x40, "IMELAR/IMEUAR = 0x%llx", (unsigned long long)iova);
     check(ctx_read(ROOT, ctx_id, IMSTR) == 0 && ctx_read(ROOT, ctx_id, IMELAR) == 0,
           "IMSTR = 0 clears the record");
 

@@ -116,12 +116,12 @@ int main(struct hvm_start_info *si)
     uint64_t iova = 0;
     const uint64_t HOLE = 0x0B000000;           /* the device window: not RAM, not in the P2M */
     st = dma_copy(0, HOLE + 0x10, (uintptr_t)dst, 64, &fault);
-    check(st == DMA_STATUS_XLATE_FAULT && fault == HOLE, "unmapped IPA: STATUS %u FAULT_ADDR 0x%llx", st,
+    check(st == DMA_STATUS_XLATE_FAULT && fault == HOLE + 0x10, "unmapped IPA: STATUS %u FAULT_ADDR 0x%llx", st,
           (unsigned long long)fault);
     uint32_t status = ipmmu_domain_irq(ROOT, ctx_id, &iova);
     check((status & IMSTR_TF) && IMSTR_ERRCODE(status) == IMSTR_ERRCODE_TLB_FORMAT,
           "IMSTR 0x%x: TF, ERRCODE 1, ERRLVL %u", status, IMSTR_ERRLVL(status));
-    check(iova == HOLE, "IMELAR/IMEUAR = 0x%llx", (unsigned long long)iova);
+    check(iova == HOLE + 0x10, "IMELAR/IMEUAR = 0x%llx", (unsigned long long)iova);
 
     const uint64_t BEYOND = 1ull << 40;
     st = dma_copy(1, (uintptr_t)src, BEYOND + 0x2000, 64, &fault);

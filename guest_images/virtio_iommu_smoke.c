@@ -149,10 +149,10 @@ static void dma(void)
     check(memcmp(src, dst, LEN) == 0, "destination holds the source bytes");
 
     st = dma_copy(2, IOVA_SRC, IOVA_RO + 16, 32, &fa);
-    check(st == DMA_STATUS_PERM_FAULT && fa == IOVA_RO, "write to READ-only mapping: STATUS %u at 0x%llx", st,
+    check(st == DMA_STATUS_PERM_FAULT && fa == IOVA_RO + 16, "write to READ-only mapping: STATUS %u at 0x%llx", st,
           (unsigned long long)fa);
     expect_fault(VIRTIO_IOMMU_FAULT_R_MAPPING, VIRTIO_IOMMU_FAULT_F_WRITE | VIRTIO_IOMMU_FAULT_F_ADDRESS,
-                 IOVA_RO, "read-only");
+                 IOVA_RO + 16, "read-only");
 
     /* Source runs off the end of its mapping: the first unmapped page faults. */
     st = dma_copy(2, IOVA_SRC + LEN - 8, IOVA_DST, 16, &fa);

@@ -77,7 +77,7 @@ def test_outside_memory_is_status_2_with_first_failing_page(m):
     assert (status, fault) == (2, end)
     assert m.memory.read(0x1000, 8192) == b"\x22" * 8192          # a failed copy writes nothing
     status, fault = m.dma("dma3", 0x1000, (1 << 48) + 0x123, 16)
-    assert (status, fault) == (2, 1 << 48)
+    assert (status, fault) == (2, (1 << 48) + 0x123)            # the first byte the copy touches
 
 
 def test_irq_raise_and_clear(m):

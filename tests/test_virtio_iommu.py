@@ -416,19 +416,19 @@ def test_permission_faults(d, m):
 
 def test_one_fault_per_failed_copy_first_failing_page(d, m):
     """The engine translates the source then the destination and stops at the first failing
-    page: one event, at that page's lowest address; nothing is written."""
+    page: one event, at the first byte of that page the copy touches; nothing is written."""
     assert d.attach(1, EP) == S_OK
     assert d.map(1, 0x100000, 0x101FFF, SRC, R) == S_OK
     assert d.map(1, 0x200000, 0x200FFF, DST, RW) == S_OK
     m.dom0.write(DST, b"\x11" * 0x1000)
     assert d.dma(0x101800, 0x200000, 0x1000) == (2, 0x102000)     # source runs off its mapping
     assert d.dma(0x100000, 0x200800, 0x1000) == (2, 0x201000)     # destination runs off
-    assert d.dma(0x500123, 0x700000, 0x10) == (2, 0x500000)       # both bad: source reported
+    assert d.dma(0x500123, 0x700000, 0x10) == (2, 0x500123)       # both bad: source reported, its first byte
     assert m.dom0.read(DST, 0x1000) == b"\x11" * 0x1000
     ev = d.events()
     assert [(e.flags, e.address) for e in ev] == [
         (vi.FAULT_F_READ | F_ADDR, 0x102000), (vi.FAULT_F_WRITE | F_ADDR, 0x201000),
-        (vi.FAULT_F_READ | F_ADDR, 0x500000)]
+        (vi.FAULT_F_READ | F_ADDR, 0x500123)]
 
 
 def test_unmap_takes_effect_immediately(d, m):

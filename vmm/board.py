@@ -1,26 +1,19 @@
 """Boards: TOML files that say what RAM, devices, addresses, IRQs and master wiring a machine has.
 
-A board is data. ``load_board`` validates it and returns a ``BoardSpec``; ``vmm.machine``
-builds the machine from it. Device types map to builder functions named here as strings,
-so adding a device model means one line in ``DEVICE_TYPES`` and a ``build(ctx, spec)`` beside
-the model.
+A board is data. ``load_board`` validates it against the device registry (``vmm.registry``: each
+type's keys, their types and defaults, references to other devices and domains) and returns a
+``BoardSpec`` whose device entries carry every default; ``vmm.machine`` builds the machine from it.
+Every mistake is one line naming the file, the device and the key.
 """
 from __future__ import annotations
 
-import importlib
 import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-DEVICE_TYPES: dict[str, str] = {
-    "sysinfo": "vmm.wiring:build_sysinfo",
-    "const": "vmm.wiring:build_const",
-    "dma": "vmm.wiring:build_dma",
-    "ipmmu": "devices.ipmmu:build",
-    "virtio-mmio": "devices.virtio_mmio:build",
-}
+from vmm.registry import REGISTRY, DeviceType, Key, RegistryError, closest
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMG]?)i?B?\s*$", re.I)
 
@@ -50,11 +43,6 @@ class BoardSpec:
     domains: list[dict] = field(default_factory=list)     # extra CPU-less domains: {name, ram}
     source: str = ""
 
-
-def builder(type_name: str):
-    target = DEVICE_TYPES[type_name]
-    module, func = target.split(":")
-    return getattr(importlib.import_module(module), func)
 
 
 def board_paths() -> dict[str, Path]:
@@ -108,27 +96,98 @@ def validate(spec: BoardSpec) -> None:
         raise BoardError(f"{where}: ram must be at least 2 MiB and a multiple of 4 KiB")
     if spec.ram > (64 << 30):
         raise BoardError(f"{where}: ram above 64 GiB is not supported")
-    names = set()
-    for i, dev in enumerate(spec.devices):
-        kind, name = dev.get("type"), dev.get("name", f"device{i}")
-        if kind not in DEVICE_TYPES:
-            raise BoardError(f"{where}: device {name!r} has unknown type {kind!r} "
-                             f"(known: {', '.join(sorted(DEVICE_TYPES))})")
-        if name in names:
-            raise BoardError(f"{where}: two devices are named {name!r}")
-        names.add(name)
-        dev["name"] = name
-        if not isinstance(dev.get("base"), int):
-            raise BoardError(f"{where}: device {name!r} needs an integer base address")
-    for dev in spec.devices:
-        if "iommu" in dev and dev["iommu"] not in names:
-            raise BoardError(f"{where}: device {dev['name']!r} sits behind unknown IOMMU {dev['iommu']!r}")
     domain_names = {"dom0"}
     for dom in spec.domains:
-        if "name" not in dom or dom["name"] in domain_names:
+        if not isinstance(dom.get("name"), str) or dom["name"] in domain_names:
             raise BoardError(f"{where}: each extra domain needs a new name")
         domain_names.add(dom["name"])
         dom["ram"] = parse_size(dom.get("ram", "16M"))
+    names: set[str] = set()
+    for i, dev in enumerate(spec.devices):
+        name = dev.setdefault("name", f"device{i}")
+        if not isinstance(name, str):
+            raise BoardError(f"{where}: device {i} has a name that is not a string: {name!r}")
+        if name in names:
+            raise BoardError(f"{where}: two devices are named {name!r}")
+        names.add(name)
     for dev in spec.devices:
-        if dev.get("domain", "dom0") not in domain_names:
-            raise BoardError(f"{where}: device {dev['name']!r} belongs to unknown domain {dev['domain']!r}")
+        keys = _keys_of(where, dev)
+        _check_keys(where, dev, keys)
+    for dev in spec.devices:
+        for key in _keys_of(where, dev).values():
+            value = dev.get(key.name)
+            if key.ref is None or value is None:
+                continue
+            known = names - {dev["name"]} if key.ref == "device" else domain_names
+            if value not in known:
+                what = "IOMMU" if key.name == "iommu" else key.ref
+                raise BoardError(f"{where}: device {dev['name']!r}: key {key.name!r} names unknown {what} "
+                                 f"{value!r}{closest(value, known)}")
+
+
+def device_type(where: str, type_name: object, device: str = "?") -> DeviceType:
+    """The registered type of a board entry, or a one-line BoardError."""
+    try:
+        dtype = REGISTRY.get(type_name) if isinstance(type_name, str) else None
+        known = REGISTRY.names()
+    except RegistryError as e:
+        raise BoardError(f"{where}: device {device!r}: {e}") from None
+    if dtype is None or dtype.kind != "device":
+        devices = [n for n in known if (t := REGISTRY.get(n)) is not None and t.kind == "device"]
+        hint = closest(type_name, devices) if isinstance(type_name, str) else ""
+        raise BoardError(f"{where}: device {device!r} has unknown type {type_name!r}{hint} "
+                         f"(known: {', '.join(devices)})")
+    return dtype
+
+
+def _keys_of(where: str, dev: dict) -> dict[str, Key]:
+    """The keys an entry may carry: its type's, its master wiring's, and its sub-type's."""
+    dtype = device_type(where, dev.get("type"), dev["name"])
+    keys = dtype.all_keys()
+    if dtype.subtype_key is not None and isinstance(dev.get(dtype.subtype_key), str):
+        sub_name = dev[dtype.subtype_key]
+        try:
+            sub = REGISTRY.get(sub_name)
+        except RegistryError as e:
+            raise BoardError(f"{where}: device {dev['name']!r}: {e}") from None
+        if sub is None or sub.kind == "device":
+            subs = [n for n in REGISTRY.names() if (t := REGISTRY.get(n)) is not None and t.kind != "device"]
+            raise BoardError(f"{where}: device {dev['name']!r}: key {dtype.subtype_key!r} names unknown "
+                             f"{dtype.name} backend {sub_name!r}{closest(sub_name, subs)} (known: {', '.join(subs)})")
+        keys.update(sub.all_keys())
+    return keys
+
+
+def _check_keys(where: str, dev: dict, keys: dict[str, Key]) -> None:
+    name = dev["name"]
+    for k in dev:
+        if k not in keys:
+            raise BoardError(f"{where}: device {name!r}: unknown key {k!r}{closest(k, keys)} "
+                             f"(type {dev['type']} accepts: {', '.join(keys)})")
+    for key in keys.values():
+        if key.name not in dev:
+            if key.required:
+                raise BoardError(f"{where}: device {name!r} needs a value for {key.name!r}")
+            if key.default is not None:
+                dev[key.name] = list(key.default) if isinstance(key.default, (list, tuple)) else key.default
+            continue
+        why = key.check(dev[key.name])
+        if why is not None:
+            raise BoardError(f"{where}: device {name!r}: key {key.name!r} {why}")
+
+
+def describe_types() -> str:
+    """Every registered device type with its keys (``vmm boards --types``)."""
+    out = []
+    try:
+        types = REGISTRY.all()
+    except RegistryError as e:
+        raise BoardError(str(e)) from None
+    for t in types:
+        what = "virtio backend (on a virtio-mmio entry)" if t.kind == "virtio" else (
+            "bus master" if t.master else "device")
+        origin = f" [{t.origin}]" if t.origin else ""
+        out.append(f"{t.name}: {what}{origin}{' -- ' + t.doc if t.doc else ''}")
+        for key in t.all_keys().values():
+            out.append(f"    {key.describe()}")
+    return "\n".join(out)

@@ -23,8 +23,9 @@ class BusError(Exception):
 
 
 class Bus:
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, log_unclaimed: bool = True) -> None:
         self.kind = kind
+        self.log_unclaimed = log_unclaimed
         self._starts: list[int] = []
         self._ranges: list[tuple[int, int, BusDevice, str]] = []   # (start, end, device, name)
         self._unclaimed_logged: set[tuple[str, int]] = set()
@@ -77,7 +78,7 @@ class Bus:
 
     def _unclaimed(self, addr: int, size: int, what: str) -> None:
         key = (what, addr)
-        if key not in self._unclaimed_logged:
+        if self.log_unclaimed and key not in self._unclaimed_logged:
             self._unclaimed_logged.add(key)
             log.warning("unclaimed %s %s of %d bytes at %#x (%s)", self.kind, what, size, addr,
                         "reads 0" if what == "read" else "dropped")

@@ -1,23 +1,33 @@
-"""The DMA path every bus master takes: its IOMMU (or the board's policy), then machine memory.
+"""The path every device-side memory access takes: a translator, then machine memory.
 
-A master never sees machine memory directly. It gets a ``DmaPort`` from the machine; the port
-asks the master's ``Translator`` (an IPMMU micro-TLB, a virtio-iommu endpoint, or the policy
-for a master behind no IOMMU) for the machine-address runs of a transfer, checks them against
-machine memory, and only then moves bytes. A failed translation raises ``DmaFault`` carrying
-the master-visible status and the faulting address; the IOMMU has already recorded its fault.
+A device never sees machine memory directly. It gets a ``DeviceMemory`` from the machine, which
+asks a ``Translator`` (an IPMMU micro-TLB, a virtio-iommu endpoint, the board's policy for a
+master behind no IOMMU, or a domain's P2M for structures kept at guest addresses) for the
+machine-address runs of a transfer, checks them against machine memory, and only then moves
+bytes. A failed translation raises ``DmaFault`` carrying the master-visible status and the first
+byte of the failing page the access touches; the IOMMU has already recorded its fault.
 """
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from vmm.memory import PAGE, MachineMemory
+from vmm.walker import PERMISSION, Fault, R, W
+
+if TYPE_CHECKING:
+    from vmm.machine import Domain
+    from vmm.p2m import P2M
 
 STATUS_OK = 0
 STATUS_TRANSLATION = 2
 STATUS_PERMISSION = 3
 STATUS_BAD_LENGTH = 4
 STATUS_REFUSED = 5
+
+PAGE_MASK = ~(PAGE - 1)
+ADDR_LIMIT = 1 << 64
 
 Runs = list[tuple[int, int]]          # (machine address, length) in transfer order
 
@@ -46,24 +56,62 @@ class Bypass:
 
 
 class Refuse:
-    """A master behind no IOMMU under ``unprotected = "fault"``, or one not yet wired."""
+    """A translator that refuses every access: a master behind no IOMMU under ``unprotected =
+    "fault"`` (STATUS 5), or one wired to something that cannot translate for it, such as a uTLB
+    its IOMMU does not have (STATUS 2). Nothing is recorded in any IOMMU."""
 
-    def __init__(self, why: str) -> None:
+    def __init__(self, why: str, status: int = STATUS_REFUSED) -> None:
         self.why = why
+        self.status = status
 
     def translate(self, iova: int, length: int, write: bool) -> Runs:
-        raise DmaFault(STATUS_REFUSED, iova & ~(PAGE - 1), self.why)
+        raise DmaFault(self.status, iova, self.why)
 
 
-class DmaPort:
-    """One master's window on memory. ``observers`` see every byte read (trace recording)."""
+class P2MTranslator:
+    """GPA -> MPA through a domain's P2M: the translator of device-side structures (virtqueues,
+    request buffers), which a VMM reads the way the domain's CPU sees them."""
 
-    def __init__(self, memory: MachineMemory, resolve: Callable[[], Translator], name: str) -> None:
+    def __init__(self, p2m: P2M) -> None:
+        self.p2m = p2m
+
+    def translate(self, iova: int, length: int, write: bool) -> Runs:
+        res = self.p2m.walker.translate_range(self.p2m.ctx_id, iova, length, W if write else R)
+        if isinstance(res, Fault):
+            status = STATUS_PERMISSION if res.kind == PERMISSION else STATUS_TRANSLATION
+            raise DmaFault(status, max(res.address & PAGE_MASK, iova), "not in the P2M")
+        return res
+
+
+Observer = Callable[[int, bytes], None]
+
+
+class DeviceMemory:
+    """One device's window on memory: translate, then access (rust-vmm's ``IommuMemory`` shape).
+
+    The translator is a master's IOMMU (an IPMMU uTLB, a virtio-iommu endpoint), the board's
+    policy for a master behind none, or a domain's P2M for structures the device reads by guest
+    address; it is resolved on first use, so IOMMUs may be built after their masters. Every run
+    is checked against machine memory before a byte moves. Given the P2M it translates through,
+    the object caches the machine frame of each page it touched (a virtqueue request costs half a
+    dozen small ring accesses) and drops the cache on every P2M change; IOMMU translations are not
+    cached here (the walker's IOTLB does that, and the guest's invalidations govern it).
+    ``observers`` see every byte read from memory, with its machine address.
+    """
+
+    def __init__(self, memory: MachineMemory, resolve: Callable[[], Translator], name: str,
+                 p2m: P2M | None = None) -> None:
         self.memory = memory
+        self.view = memory.view
         self.name = name
         self._resolve = resolve
         self._translator: Translator | None = None
-        self.observers: list[Callable[[int, bytes], None]] = []
+        self.observers: list[Observer] = []
+        self._rd: dict[int, int] = {}
+        self._wr: dict[int, int] = {}
+        self._cache = p2m is not None
+        if p2m is not None:
+            p2m.listeners.append(self.flush)
 
     @property
     def translator(self) -> Translator:
@@ -71,21 +119,66 @@ class DmaPort:
             self._translator = self._resolve()
         return self._translator
 
+    def flush(self, gpa: int = 0, size: int = 0) -> None:
+        self._rd.clear()
+        self._wr.clear()
+
+    # -- translate --------------------------------------------------------------------------
     def map(self, iova: int, length: int, write: bool) -> Runs:
-        """Translate a transfer and check that it stays inside machine memory."""
+        """Translate a transfer and check that it stays inside machine memory; raises DmaFault
+        with the first byte of the failing page the transfer touches."""
+        if iova < 0 or iova + length > ADDR_LIMIT:
+            raise DmaFault(STATUS_TRANSLATION, max(iova, 0) & (ADDR_LIMIT - 1), "beyond the address space")
         runs = self.translator.translate(iova, length, write)
         size = self.memory.size
         cursor = iova
         for mpa, n in runs:
             if mpa < 0 or mpa + n > size:
                 bad = cursor + max(0, min(n, size - mpa)) if mpa < size else cursor
-                page = max(bad & ~(PAGE - 1), iova & ~(PAGE - 1))
-                raise DmaFault(STATUS_TRANSLATION, page, "outside machine memory")
+                raise DmaFault(STATUS_TRANSLATION, max(bad & PAGE_MASK, iova), "outside machine memory")
             cursor += n
         return runs
 
+    def page(self, page: int, write: bool) -> int:
+        """Machine address of the page at ``page`` (page aligned); raises DmaFault."""
+        cache = self._wr if write else self._rd
+        mpa = cache.get(page)
+        if mpa is None:
+            runs = self.map(page, PAGE, write)
+            if len(runs) != 1 or runs[0][1] != PAGE:
+                raise DmaFault(STATUS_TRANSLATION, page, "page does not map to one frame")
+            mpa = runs[0][0]
+            if self._cache:
+                if len(cache) > 4096:
+                    cache.clear()
+                cache[page] = mpa
+        return mpa
+
+    def runs(self, iova: int, length: int, write: bool) -> Runs:
+        """Machine runs of [iova, iova + length), page by page through the cache (one translator
+        call for the whole transfer when nothing is cached)."""
+        if length <= 0:
+            return []
+        if not self._cache:
+            return self.map(iova, length, write)
+        if iova < 0 or iova + length > ADDR_LIMIT:
+            raise DmaFault(STATUS_TRANSLATION, max(iova, 0) & (ADDR_LIMIT - 1), "beyond the address space")
+        out: Runs = []
+        cursor, end = iova, iova + length
+        while cursor < end:
+            off = cursor & (PAGE - 1)
+            n = min(PAGE - off, end - cursor)
+            mpa = self.page(cursor - off, write) + off
+            if out and out[-1][0] + out[-1][1] == mpa:
+                out[-1] = (out[-1][0], out[-1][1] + n)
+            else:
+                out.append((mpa, n))
+            cursor += n
+        return out
+
+    # -- access -----------------------------------------------------------------------------
     def gather(self, runs: Runs) -> bytes:
-        view = self.memory.view
+        view = self.view
         if len(runs) == 1:
             mpa, n = runs[0]
             data = bytes(view[mpa:mpa + n])
@@ -100,14 +193,84 @@ class DmaPort:
         return data
 
     def scatter(self, runs: Runs, data: bytes | memoryview) -> None:
-        view = self.memory.view
+        view = self.view
         off = 0
         for mpa, n in runs:
             view[mpa:mpa + n] = data[off:off + n]
             off += n
 
     def read(self, iova: int, length: int) -> bytes:
-        return self.gather(self.map(iova, length, False))
+        return self.gather(self.runs(iova, length, False))
 
     def write(self, iova: int, data: bytes) -> None:
-        self.scatter(self.map(iova, len(data), True), data)
+        self.scatter(self.runs(iova, len(data), True), data)
+
+    def unpack(self, st: struct.Struct, iova: int) -> tuple:
+        """One fixed layout at ``iova`` (a descriptor, a ring index): one cache probe when it
+        sits inside a page."""
+        off = iova & (PAGE - 1)
+        if off + st.size <= PAGE:
+            mpa = self._rd.get(iova - off)
+            if mpa is None:
+                mpa = self.page(iova - off, False)
+            mpa += off
+            if self.observers:
+                data = bytes(self.view[mpa:mpa + st.size])
+                for obs in self.observers:
+                    obs(mpa, data)
+            return st.unpack_from(self.view, mpa)
+        return st.unpack(self.read(iova, st.size))
+
+    def pack(self, st: struct.Struct, iova: int, *values: int) -> None:
+        off = iova & (PAGE - 1)
+        if off + st.size <= PAGE:
+            mpa = self._wr.get(iova - off)
+            if mpa is None:
+                mpa = self.page(iova - off, True)
+            st.pack_into(self.view, mpa + off, *values)
+        else:
+            self.write(iova, st.pack(*values))
+
+    def gather_segments(self, segments: list[tuple[int, int]], length: int) -> bytes:
+        """The first ``length`` bytes of a scatter list (device-readable buffers)."""
+        if len(segments) == 1 and not self.observers:
+            gpa, n = segments[0]
+            n = min(n, length)
+            off = gpa & (PAGE - 1)
+            mpa = self._rd.get(gpa - off)
+            if mpa is not None and off + n <= PAGE:
+                mpa += off
+                return bytes(self.view[mpa:mpa + n])
+        parts = []
+        for gpa, n in segments:
+            if length <= 0:
+                break
+            take = min(n, length)
+            parts.append(self.read(gpa, take))
+            length -= take
+        return b"".join(parts)
+
+    def map_segments(self, segments: list[tuple[int, int]], length: int) -> Runs:
+        """Machine runs for writing the first ``length`` bytes of a scatter list (checked first,
+        so a request whose reply cannot be delivered is refused before it has any effect)."""
+        if len(segments) == 1:
+            gpa, n = segments[0]
+            n = min(n, length)
+            off = gpa & (PAGE - 1)
+            mpa = self._wr.get(gpa - off)
+            if mpa is not None and off + n <= PAGE:
+                return [(mpa + off, n)]
+        out: Runs = []
+        for gpa, n in segments:
+            if length <= 0:
+                break
+            take = min(n, length)
+            out.extend(self.runs(gpa, take, True))
+            length -= take
+        return out
+
+
+class TranslatingDevice(Protocol):
+    """A bus device that is an IOMMU: it hands each master wired to it a translator."""
+
+    def translator(self, master: int, domain: Domain) -> Translator: ...

@@ -9,15 +9,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from vmm import board as boards
 from vmm.bus import Bus, BusError
-from vmm.dma import STATUS_PERMISSION, STATUS_TRANSLATION, DmaFault, Runs
+from vmm.debugports import DebugConsole, DebugExit
+from vmm.dma import P2MTranslator
 from vmm.guestram import GuestRam
 from vmm.irq import IrqController
 from vmm.memory import PAGE, MachineMemory
 from vmm.p2m import P2M
-from vmm.walker import PERMISSION, Fault, R, W, Walker
+from vmm.registry import RegistryError
+from vmm.walker import R, W, Walker
 from vmm.wiring import BuildContext
 
 log = logging.getLogger("vmm")
@@ -40,18 +43,20 @@ def _align(x: int, a: int) -> int:
     return (x + a - 1) & ~(a - 1)
 
 
-class P2MTranslator:
-    """GPA -> MPA through a domain's P2M, for device-side accesses to guest memory."""
+class AccessObserver(Protocol):
+    """Sees every CPU-side bus access (MMIO and port I/O) the machine dispatches: trace recording.
 
-    def __init__(self, p2m: P2M) -> None:
-        self.p2m = p2m
+    ``before_access`` runs first (the recorder writes the guest memory the CPU changed, which the
+    access may DMA); ``after_access`` gets the access and its value (the one read, or written).
+    ``kind`` is ``"mmio_read"``, ``"mmio_write"``, ``"pio_read"`` or ``"pio_write"``.
+    """
 
-    def translate(self, iova: int, length: int, write: bool) -> Runs:
-        res = self.p2m.walker.translate_range(self.p2m.ctx_id, iova, length, W if write else R)
-        if isinstance(res, Fault):
-            status = STATUS_PERMISSION if res.kind == PERMISSION else STATUS_TRANSLATION
-            raise DmaFault(status, max(res.address & ~(PAGE - 1), iova & ~(PAGE - 1)), "not in the P2M")
-        return res
+    needs_dirty_pages: bool     # the CPU backend must track the guest pages it writes
+
+    def before_access(self) -> None: ...
+    def after_access(self, kind: str, addr: int, size: int, value: int) -> None: ...
+    def attach_cpu(self, cpu) -> None: ...
+    def detach_cpu(self, cpu) -> None: ...
 
 
 @dataclass
@@ -71,42 +76,82 @@ class Domain:
     def ram_size(self) -> int:
         return sum(size for _, size in self.ram_ranges)
 
-    def _view(self, gpa: int, length: int) -> tuple[memoryview, int]:
+    def _check(self, gpa: int, length: int) -> None:
         for start, size in self.ram_ranges:
             if start <= gpa and gpa + length <= start + size:
-                r = self.ram.find(start)
-                return r.view, gpa - start
+                return
         raise ValueError(f"[{gpa:#x}, +{length:#x}) is not guest RAM of {self.name}")
+
+    def _frames(self, gpa: int, length: int) -> list[tuple[int, int, int]]:
+        """(offset in the access, machine address, length) of each guest page the access touches,
+        through the P2M: the way to guest memory of a machine built without a CPU view."""
+        self._check(gpa, length)
+        first = gpa & ~(PAGE - 1)
+        count = (gpa + length - first + PAGE - 1) // PAGE
+        out, pos = [], 0
+        for i, mpa in enumerate(self.p2m.lookup_pages(first, count)):
+            lo = max(gpa, first + i * PAGE)
+            hi = min(gpa + length, first + (i + 1) * PAGE)
+            if mpa is None:
+                raise ValueError(f"guest page {first + i * PAGE:#x} of {self.name} is not in its P2M")
+            out.append((pos, mpa + (lo & (PAGE - 1)), hi - lo))
+            pos += hi - lo
+        return out
 
     def read(self, gpa: int, length: int) -> bytes:
         """Guest memory as the domain's CPU sees it."""
-        view, off = self._view(gpa, length)
-        return bytes(view[off:off + length])
+        if self.ram is None:
+            view = self.p2m.memory.view
+            return b"".join(bytes(view[m:m + n]) for _, m, n in self._frames(gpa, length))
+        self._check(gpa, length)
+        r = self.ram.find(gpa)
+        off = gpa - r.gpa
+        return bytes(r.view[off:off + length])
 
     def write(self, gpa: int, data: bytes) -> None:
-        view, off = self._view(gpa, len(data))
-        view[off:off + len(data)] = data
+        if self.ram is None:
+            view = self.p2m.memory.view
+            for pos, m, n in self._frames(gpa, len(data)):
+                view[m:m + n] = data[pos:pos + n]
+            return
+        self._check(gpa, len(data))
+        r = self.ram.find(gpa)
+        off = gpa - r.gpa
+        r.view[off:off + len(data)] = data
 
 
 class Machine:
-    def __init__(self, spec: boards.BoardSpec, *, p2m: str | None = None, ram: int | str | None = None) -> None:
+    """One board's machine.
+
+    ``cpu=False`` builds it without the CPU's view of guest RAM (host mappings, one per guest page
+    on a scattered P2M): for replay and recording twins, which reach guest memory through the P2M.
+    ``quiet=True`` keeps its start-up and unclaimed-access warnings to itself (a twin repeats what
+    the real machine already said).
+    """
+
+    def __init__(self, spec: boards.BoardSpec, *, p2m: str | None = None, ram: int | str | None = None,
+                 cpu: bool = True, quiet: bool = False) -> None:
         if p2m is not None:
             spec.p2m = p2m
         if ram is not None:
             spec.ram = boards.parse_size(ram)
         boards.validate(spec)
         self.board = spec
+        self.cpu_view = cpu
+        self.quiet = quiet
         self.console = bytearray()
         self.console_sinks: list[Callable[[bytes], None]] = [self.console.extend]
         self.stop_status: int | None = None
-        self.recorder = None        # a vmm.trace.Recorder while a run is being recorded
         self.on_stop: list[Callable[[], None]] = []
+        self.observers: list[AccessObserver] = []
         self._next_ctx = 0
         self.irqs = IrqController()
-        self.mmio = Bus("mmio")
-        self.pio = Bus("pio")
+        self.mmio = Bus("mmio", log_unclaimed=not quiet)
+        self.pio = Bus("pio", log_unclaimed=not quiet)
         self.devices: dict = {}
         self.masters: list[dict] = []
+        self._closed = False
+        self._select_access()
         self._build_memory()
         self._build_devices()
 
@@ -154,8 +199,9 @@ class Machine:
             mpa += _align(d["ram"], MIB2)
         for dom in self.domains.values():
             dom.p2m.go_live()
-            dom.ram = GuestRam(self.memory.fd, dom.ram_ranges, dom.p2m.lookup_pages)
-            dom.p2m.ram = dom.ram
+            if self.cpu_view:
+                dom.ram = GuestRam(self.memory.fd, dom.ram_ranges, dom.p2m.lookup_pages)
+                dom.p2m.ram = dom.ram
 
     def _new_domain(self, name: str, ranges: list[tuple[int, int]], direct: bool) -> Domain:
         ctx = self.alloc_ctx_id()
@@ -165,31 +211,32 @@ class Machine:
         return dom
 
     def _build_devices(self) -> None:
-        from devices.debugport import DebugConsole, DebugExit
-
         self.pio.add(0xE9, 1, DebugConsole(self._console_out), "debugcon")
         self.pio.add(0xF4, 4, DebugExit(self.request_stop), "debug-exit")
         ctx = BuildContext(self)
+        where = self.board.source
         for spec in self.board.devices:
+            dtype = boards.device_type(where, spec["type"], spec["name"])
             try:
-                dev, size = boards.builder(spec["type"])(ctx, spec)
+                dev, size = dtype.build(ctx, spec)
                 self.mmio.add(spec["base"], size, dev, spec["name"])
             except BusError as e:
-                raise boards.BoardError(f"{self.board.source}: {e}") from None
+                raise boards.BoardError(f"{where}: {e}") from None
             except KeyError as e:
-                raise boards.BoardError(f"{self.board.source}: device {spec['name']!r} needs a value for "
+                raise boards.BoardError(f"{where}: device {spec['name']!r} needs a value for "
                                         f"{e.args[0]!r}") from None
-            except (ValueError, TypeError) as e:
-                raise boards.BoardError(f"{self.board.source}: device {spec['name']!r}: {e}") from None
+            except (ValueError, TypeError, RegistryError) as e:
+                raise boards.BoardError(f"{where}: device {spec['name']!r}: {e}") from None
             self.devices[spec["name"]] = dev
-            if spec["type"] == "dma":
+            if dtype.master:
                 self.masters.append(spec)
-        self._report_wiring()
+        if not self.quiet:
+            self._report_wiring()
 
     def _report_wiring(self) -> None:
         shared: dict[tuple[str, int], list[dict]] = {}
         for m in self.masters:
-            if "iommu" not in m:
+            if m.get("iommu") is None:
                 what = ("reaches machine memory untranslated (bypass)" if self.board.unprotected == "bypass"
                         else "is refused (STATUS 5)")
                 log.warning("unprotected master: %s (master %s) is behind no IOMMU; its DMA %s",
@@ -202,6 +249,52 @@ class Machine:
                 log.warning("%s micro-TLB/endpoint %d is shared by domains %s (masters %s): one context "
                             "translates for all of them, so they are not isolated",
                             iommu, mid, " and ".join(doms), ", ".join(m["name"] for m in ms))
+
+    # -- access observers -------------------------------------------------------------------
+    def add_observer(self, observer: AccessObserver) -> None:
+        """Let ``observer`` see every CPU-side bus access from now on (until ``remove_observer``)."""
+        self.observers.append(observer)
+        self._select_access()
+
+    def remove_observer(self, observer: AccessObserver) -> None:
+        if observer in self.observers:
+            self.observers.remove(observer)
+        self._select_access()
+
+    def _select_access(self) -> None:
+        """Point the four access entry points the backends and replay call at the buses directly,
+        or, while anyone observes, at the observed path. Callers fetch them when a run starts."""
+        if self.observers:
+            self.mmio_read = self._observed_read(self.mmio, "mmio_read")
+            self.mmio_write = self._observed_write(self.mmio, "mmio_write")
+            self.pio_read = self._observed_read(self.pio, "pio_read")
+            self.pio_write = self._observed_write(self.pio, "pio_write")
+        else:
+            self.mmio_read, self.mmio_write = self.mmio.read, self.mmio.write
+            self.pio_read, self.pio_write = self.pio.read, self.pio.write
+
+    def _observed_read(self, bus: Bus, kind: str) -> Callable[[int, int], int]:
+        observers = self.observers
+
+        def read(addr: int, size: int) -> int:
+            for o in observers:
+                o.before_access()
+            value = bus.read(addr, size)
+            for o in observers:
+                o.after_access(kind, addr, size, value)
+            return value
+        return read
+
+    def _observed_write(self, bus: Bus, kind: str) -> Callable[[int, int, int], None]:
+        observers = self.observers
+
+        def write(addr: int, size: int, value: int) -> None:
+            for o in observers:
+                o.before_access()
+            bus.write(addr, size, value)
+            for o in observers:
+                o.after_access(kind, addr, size, value)
+        return write
 
     # -- what backends and devices call -----------------------------------------------------
     def _console_out(self, data: bytes) -> None:
@@ -218,18 +311,6 @@ class Machine:
     def dom0(self) -> Domain:
         return self.domains["dom0"]
 
-    def mmio_read(self, addr: int, size: int) -> int:
-        return self.mmio.read(addr, size)
-
-    def mmio_write(self, addr: int, size: int, value: int) -> None:
-        self.mmio.write(addr, size, value)
-
-    def pio_read(self, port: int, size: int) -> int:
-        return self.pio.read(port, size)
-
-    def pio_write(self, port: int, size: int, value: int) -> None:
-        self.pio.write(port, size, value)
-
     def read_guest(self, gpa: int, length: int, domain: str = "dom0") -> bytes:
         return self.domains[domain].read(gpa, length)
 
@@ -237,13 +318,19 @@ class Machine:
         self.domains[domain].write(gpa, data)
 
     def dma(self, engine: str, src: int, dst: int, length: int, irq: bool = False) -> tuple[int, int]:
-        """Program a DMA engine through the bus, as a driver would; returns (STATUS, FAULT_ADDR)."""
-        base = next(d["base"] for d in self.board.devices if d["name"] == engine)
-        self.mmio_write(base + 0x08, 8, src)
-        self.mmio_write(base + 0x10, 8, dst)
-        self.mmio_write(base + 0x18, 4, length)
-        self.mmio_write(base + 0x1C, 4, 1 | (2 if irq else 0))
-        return self.mmio_read(base + 0x20, 4), self.mmio_read(base + 0x28, 8)
+        """Program a DMA engine through the bus, as a driver would; returns (STATUS, FAULT_ADDR).
+        Register offsets come from the engine's own declared layout."""
+        spec = next((m for m in self.masters if m["name"] == engine), None)
+        layout = getattr(self.devices.get(engine), "LAYOUT", None)
+        if spec is None or layout is None:
+            engines = [m["name"] for m in self.masters if hasattr(self.devices[m["name"]], "LAYOUT")]
+            raise ValueError(f"no dma engine {engine!r} on {self.board.name} (engines: {', '.join(engines)})")
+        base, off = spec["base"], layout.offset
+        self.mmio_write(base + off("SRC"), 8, src)
+        self.mmio_write(base + off("DST"), 8, dst)
+        self.mmio_write(base + off("LEN"), 4, length)
+        self.mmio_write(base + off("CTRL"), 4, 1 | (2 if irq else 0))
+        return self.mmio_read(base + off("STATUS"), 4), self.mmio_read(base + off("FAULT_ADDR"), 8)
 
     # -- jobs -------------------------------------------------------------------------------
     def run(self, image: str | None = None, backend: str = "auto", timeout: float = 10.0):
@@ -255,6 +342,18 @@ class Machine:
         return replay_file(self, trace)
 
     def close(self) -> None:
+        """Release the CPU views, the walker and the machine memory (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
         for dom in self.domains.values():
             if dom.ram is not None:
                 dom.ram.close()
+                dom.ram = None
+        self.memory.close()
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -34,20 +34,21 @@ def run_image(machine, image: str | None, backend: str = "auto", timeout: float 
     img = load_image(find_image(image), dom.ram_ranges)
     start_info = place(img, dom.write, dom.ram_ranges)
     cls = choose_backend(backend)
-    # A vmm.trace.Recorder sets machine.recorder: it needs the pages the CPU writes (dirty tracking,
-    # off otherwise because it slows the guest) and a last look at them before the CPU goes away.
-    recorder = machine.recorder
+    # An access observer such as vmm.trace.Recorder may need the pages the CPU writes (dirty
+    # tracking, off otherwise because it slows the guest) and a last look at them before the CPU goes.
+    observers = list(machine.observers)
+    track = any(o.needs_dirty_pages for o in observers)
     try:
-        cpu = cls(machine, track_dirty=True) if recorder is not None else cls(machine)
+        cpu = cls(machine, track_dirty=True) if track else cls(machine)
     except BackendUnavailable as e:
         raise BackendUnavailable(f"backend {cls.name} unavailable: {e}") from None
-    if recorder is not None:
-        recorder.attach(cpu)
+    for o in observers:
+        o.attach_cpu(cpu)
     try:
         result = cpu.run(img.entry, start_info, timeout)
     finally:
-        if recorder is not None:
-            recorder.detach(cpu)
+        for o in observers:
+            o.detach_cpu(cpu)
         cpu.close()
     result.console = bytes(machine.console)
     return result

@@ -1,18 +1,19 @@
-"""How board entries become devices: the builders for the simple models, and the context every
-builder gets. The context is the only door from a device to the machine: interrupt lines,
-DMA ports, domains and walker contexts. Devices never see the CPU backend."""
+"""The context every device builder gets: the only door from a device model to the machine.
+
+Through it a model asks for interrupt lines, memory windows (its own DMA as a bus master, or a
+domain's guest-physical memory), domains, other devices and walker contexts. Devices never see
+the CPU backend, and the machine never sees a register.
+"""
 from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING
 
-from devices.constreg import ConstRegister
-from devices.dma_engine import DmaEngine
-from devices.sysinfo import SysInfo
-from vmm.dma import Bypass, DmaPort, Refuse, Translator
+from vmm.dma import Bypass, DeviceMemory, P2MTranslator, Refuse, Translator
 from vmm.irq import IrqLine
 
 if TYPE_CHECKING:
+    from vmm.bus import BusDevice
     from vmm.machine import Domain, Machine
 
 log = logging.getLogger("vmm")
@@ -31,20 +32,21 @@ class BuildContext:
     def domain(self, name: str = "dom0") -> Domain:
         return self.machine.domains[name]
 
-    def device(self, name: str):
+    def device(self, name: str) -> BusDevice:
         return self.machine.devices[name]
 
     def alloc_ctx_id(self) -> int:
         return self.machine.alloc_ctx_id()
 
-    def gpa_port(self, domain: Domain, name: str) -> DmaPort:
-        """A port that reaches a domain's guest-physical memory through its P2M (for device-side
-        structures such as virtqueues, which a VMM reads the way the CPU sees them)."""
-        return DmaPort(self.memory, lambda: domain.p2m_translator, name)
+    def guest_memory(self, domain: Domain, name: str) -> DeviceMemory:
+        """A device's window on a domain's guest-physical memory, through its P2M (virtqueues and
+        request buffers, which a VMM reads the way the domain's CPU sees them)."""
+        translator = P2MTranslator(domain.p2m)
+        return DeviceMemory(self.memory, lambda: translator, name, p2m=domain.p2m)
 
-    def dma_port(self, spec: dict) -> DmaPort:
-        """The DMA port of a bus master: its IOMMU's translator, or the board's unprotected policy."""
-        return DmaPort(self.memory, lambda: self.translator_for(spec), spec["name"])
+    def dma_memory(self, spec: dict) -> DeviceMemory:
+        """A bus master's window on memory: its IOMMU's translator, or the board's policy."""
+        return DeviceMemory(self.memory, lambda: self.translator_for(spec), spec["name"])
 
     def translator_for(self, spec: dict) -> Translator:
         iommu_name = spec.get("iommu")
@@ -55,22 +57,7 @@ class BuildContext:
         iommu = self.machine.devices[iommu_name]
         make = getattr(iommu, "translator", None)
         if make is None:
+            log.warning("%s sits behind %s, which does not translate for masters; its DMA is refused",
+                        spec["name"], iommu_name)
             return Refuse(f"{iommu_name} does not translate for masters")
         return make(int(spec.get("master", 0)), self.domain(spec.get("domain", "dom0")))
-
-
-def build_sysinfo(ctx: BuildContext, spec: dict):
-    dom = ctx.domain(spec.get("domain", "dom0"))
-    dev = SysInfo(ram_size=dom.ram_size, p2m_root=dom.p2m.root, vtcr=dom.p2m.vtcr, ipa_bits=40,
-                  direct=dom.direct)
-    return dev, spec.get("size", 0x1000)
-
-
-def build_const(ctx: BuildContext, spec: dict):
-    size = int(spec.get("size", 4))
-    return ConstRegister(int(spec.get("value", 0)), size), size
-
-
-def build_dma(ctx: BuildContext, spec: dict):
-    dev = DmaEngine(ctx.dma_port(spec), ctx.irq(int(spec["irq"])), int(spec.get("master", 0)))
-    return dev, spec.get("size", 0x1000)

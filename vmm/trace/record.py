@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import ctypes
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -80,49 +79,24 @@ def changed_runs(old: bytes, new: bytes, block: int = 32, gap: int = 16) -> list
     return runs
 
 
-class _NoCpuRam:
-    """Stands in for ``GuestRam`` in the recorder's twin. The twin has no CPU, so it needs no host
-    mapping of its RAM -- and a scattered P2M costs one mapping per guest page, so two machines'
-    worth exceeds vm.max_map_count (65530). The twin's memory is reached through its P2M instead."""
-
-    def __init__(self, memfd: int, ranges: list[tuple[int, int]], lookup: Callable) -> None:
-        self.ranges: list = []
-
-    def find(self, gpa: int) -> None:
-        return None
-
-    def remap(self, gpa: int, size: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _build_twin(machine: Machine) -> Machine:
-    """A CPU-less copy of ``machine``'s board, built as replay builds it, minus the CPU view of RAM."""
-    import vmm.machine as vm
-    quiet = logging.getLogger("vmm")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)       # its wiring warnings were already printed for the real machine
-    real_ram, vm.GuestRam = vm.GuestRam, _NoCpuRam
-    try:
-        twin = vm.Machine(copy.deepcopy(machine.board))
-    finally:
-        vm.GuestRam = real_ram
-        quiet.setLevel(level)
-    for bus in (twin.mmio, twin.pio):
-        bus._unclaimed = lambda *a: None   # the run's bus already logs each unclaimed access once
-    return twin
+    """A CPU-less copy of ``machine``'s board, built as replay builds it. It needs no CPU view of
+    its RAM (a scattered P2M costs one host mapping per guest page, and two machines' worth would
+    exceed vm.max_map_count), and it keeps quiet: the real machine already said what it has to."""
+    from vmm.machine import Machine
+    return Machine(copy.deepcopy(machine.board), cpu=False, quiet=True)
 
 
 class Recorder:
     """Record a guest run as a trace that replays with no CPU (``vmm run IMAGE --record TRACE``).
 
-    Wraps the machine's ``mmio_read/mmio_write/pio_read/pio_write`` instance attributes (what the
-    backends call), listens on the IRQ lines, and sets ``machine.recorder`` so the runner turns on
-    dirty tracking and calls ``attach``/``detach`` around the CPU's life. See the module docstring
-    for why a twin machine decides which memory goes into the trace.
+    An access observer of the machine (``Machine.add_observer``): before each access it writes
+    the guest memory the CPU changed, after it the access and its reply; it listens on the IRQ
+    lines, asks the runner for dirty-page tracking and sees the CPU come and go. See the package
+    docstring for why a twin machine decides which memory goes into the trace.
     """
+
+    needs_dirty_pages = True
 
     def __init__(self, machine: Machine, path: str | Path | None, note: str = "") -> None:
         self.machine = machine
@@ -142,14 +116,12 @@ class Recorder:
         self._twin_p2m = self.twin.dom0.p2m
         self._twin_mem = self.twin.memory.view
         self._views = [(r.gpa, r.size, r.view) for r in machine.dom0.ram.ranges]
-        self._orig = (machine.mmio_read, machine.mmio_write, machine.pio_read, machine.pio_write)
-        machine.mmio_read = self._mmio_read
-        machine.mmio_write = self._mmio_write
-        machine.pio_read = self._pio_read
-        machine.pio_write = self._pio_write
+        self._twin_access = {"mmio_read": self.twin.mmio_read, "mmio_write": self.twin.mmio_write,
+                             "pio_read": self.twin.pio_read, "pio_write": self.twin.pio_write}
+        self._closed = False
         machine.irqs.listeners.append(self._edges_listener)
         self.twin.irqs.listeners.append(self._twin_listener)
-        machine.recorder = self
+        machine.add_observer(self)
         spec = machine.board
         from vmm.board import board_paths
         board = spec.name if spec.name in board_paths() else spec.source
@@ -180,12 +152,12 @@ class Recorder:
     def _twin_listener(self, line: int, level: bool) -> None:
         self._twin_edges.append((line, level))
 
-    def attach(self, cpu) -> None:
+    def attach_cpu(self, cpu) -> None:
         """The runner's CPU backend exists (with dirty tracking): diff only what it writes from now on."""
         self.cpu = cpu
         self._emit(f"# cpu backend: {getattr(cpu, 'name', '?')}")
 
-    def detach(self, cpu) -> None:
+    def detach_cpu(self, cpu) -> None:
         """The CPU is about to go: note (not record) what it changed after its last access."""
         if self.cpu is cpu:
             self.tail_pages = [gpa for gpa in cpu.dirty_pages() if self._page_differs(gpa)]
@@ -254,49 +226,27 @@ class Recorder:
         self.divergences.append(msg)
         self._emit(f"# divergence: {what}")
 
-    def _mmio_read(self, addr: int, size: int) -> int:
+    def before_access(self) -> None:
         self._sync()
         self._edges.clear()
         self._twin_edges.clear()
-        value = self._orig[0](addr, size)
-        twin_value = self.twin.mmio_read(addr, size)
-        if size not in _SUFFIX:
-            self._odd("MMIO read", addr, size)
-            return value
-        self._emit(f"read{_SUFFIX[size]} {addr:#x}")
-        self._access(value, twin_value, f"OK 0x{value:016x}")
-        return value
 
-    def _mmio_write(self, addr: int, size: int, value: int) -> None:
-        self._sync()
-        self._edges.clear()
-        self._twin_edges.clear()
-        self._orig[1](addr, size, value)
-        self.twin.mmio_write(addr, size, value)
+    def after_access(self, kind: str, addr: int, size: int, value: int) -> None:
+        """The access happened on the real machine: do it on the twin, then write it down."""
+        twin = self._twin_access[kind]
+        is_read = kind.endswith("read")
+        twin_value = twin(addr, size) if is_read else twin(addr, size, value)
+        mmio = kind.startswith("mmio")
         if size not in _SUFFIX:
-            self._odd("MMIO write", addr, size)
+            self._odd(f"{'MMIO' if mmio else 'port'} {'read' if is_read else 'write'}", addr, size)
             return
-        self._emit(f"write{_SUFFIX[size]} {addr:#x} {value & ((1 << 8 * size) - 1):#x}")
-        self._access(None, None, "OK")
-
-    def _pio_read(self, port: int, size: int) -> int:
-        self._sync()
-        self._edges.clear()
-        self._twin_edges.clear()
-        value = self._orig[2](port, size)
-        twin_value = self.twin.pio_read(port, size)
-        self._emit(f"in{_SUFFIX[size]} {port:#x}")
-        self._access(value, twin_value, f"OK 0x{value:04x}")
-        return value
-
-    def _pio_write(self, port: int, size: int, value: int) -> None:
-        self._sync()
-        self._edges.clear()
-        self._twin_edges.clear()
-        self._orig[3](port, size, value)
-        self.twin.pio_write(port, size, value)
-        self._emit(f"out{_SUFFIX[size]} {port:#x} {value & ((1 << 8 * size) - 1):#x}")
-        self._access(None, None, "OK")
+        word = ("read" if is_read else "write") if mmio else ("in" if is_read else "out")
+        if is_read:
+            self._emit(f"{word}{_SUFFIX[size]} {addr:#x}")
+            self._access(value, twin_value, f"OK 0x{value:016x}" if mmio else f"OK 0x{value:04x}")
+        else:
+            self._emit(f"{word}{_SUFFIX[size]} {addr:#x} {value & ((1 << 8 * size) - 1):#x}")
+            self._access(None, None, "OK")
 
     def _odd(self, what: str, addr: int, size: int) -> None:
         """qtest has no request for an access of this width: say so in the trace."""
@@ -309,13 +259,12 @@ class Recorder:
     def close(self) -> None:
         """Restore the machine and finish the file (idempotent)."""
         m = self.machine
-        if getattr(m, "recorder", None) is not self:
+        if self._closed:
             return
-        for name in ("mmio_read", "mmio_write", "pio_read", "pio_write"):
-            m.__dict__.pop(name, None)
+        self._closed = True
+        m.remove_observer(self)
         if self._edges_listener in m.irqs.listeners:
             m.irqs.listeners.remove(self._edges_listener)
-        del m.recorder
         if self.divergences:
             self._emit(f"# {len(self.divergences)} divergence(s) from a CPU-less replay while recording")
         self._flush_lines()
