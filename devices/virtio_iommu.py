@@ -105,7 +105,6 @@ RESV_MEM, _ = compile_layout(RESV_MEM_LAYOUT)
 FAULT, _ = compile_layout(FAULT_LAYOUT)
 assert (ATTACH_REQ.size, DETACH_REQ.size, MAP_REQ.size, UNMAP_REQ.size, PROBE_REQ.size) == (20, 20, 36, 28, 72)
 assert (TAIL.size, RESV_MEM.size, FAULT.size) == (4, 24, 24)
-MAX_REQUEST = PROBE_REQ.size
 _TAILS = [TAIL.pack(s) for s in range(256)]      # tail.reserved always zero
 
 PROBE_T_RESV_MEM = 1
@@ -322,26 +321,22 @@ class VirtioIommu:
             req = mem.gather_segments(chain.readable, min(chain.rlen, MAX_REQUEST))
         except DmaFault:
             return 0
-        entry = DISPATCH.get(req[0])
-        if entry is None or chain.wlen < TAIL.size:
+        rtype = DISPATCH.get(req[0])
+        if rtype is None or chain.wlen < TAIL.size:
             return 0
-        layout, handler = entry
-        if req[0] == T_PROBE:
-            # The PROBE tail sits after probe_size bytes of properties: a writable part too small
-            # for both cannot hold the tail, so the request goes back unanswered (used length 0).
-            out = self.probe_size + TAIL.size
-            if chain.wlen < out:
-                return 0
-        else:
-            out = TAIL.size
+        # The tail sits after the reply's properties (PROBE: probe_size bytes): a writable part
+        # too small for both cannot hold it, so the request goes back unanswered (used length 0).
+        out = rtype.reply_size(self) + TAIL.size
+        if chain.wlen < out:
+            return 0
         try:
             runs = mem.map_segments(chain.writable, out)
         except DmaFault:
             return 0
-        if len(req) < layout.size:
+        if len(req) < rtype.layout.size:
             status, extra = S_INVAL, b""              # body too short to hold the request
         else:
-            status, extra = handler(self, layout.unpack_from(req))
+            status, extra = rtype.handler(self, rtype.layout.unpack_from(req))
         if out == TAIL.size and len(runs) == 1:
             mpa = runs[0][0]
             mem.view[mpa:mpa + 4] = _TAILS[status]
@@ -574,13 +569,26 @@ class EndpointTranslator:
 
 
 Handler = Callable[[VirtioIommu, tuple], tuple[int, bytes]]
-DISPATCH: dict[int, tuple[struct.Struct, Handler]] = {
-    T_ATTACH: (ATTACH_REQ, VirtioIommu._attach),
-    T_DETACH: (DETACH_REQ, VirtioIommu._detach),
-    T_MAP: (MAP_REQ, VirtioIommu._map),
-    T_UNMAP: (UNMAP_REQ, VirtioIommu._unmap),
-    T_PROBE: (PROBE_REQ, VirtioIommu._probe),
+
+
+@dataclass(frozen=True)
+class RequestType:
+    """One row of the request table: the request's layout (what the device reads), its handler,
+    and how many reply bytes precede the tail (what the device writes)."""
+
+    layout: struct.Struct
+    handler: Handler
+    reply_size: Callable[[VirtioIommu], int] = lambda dev: 0
+
+
+DISPATCH: dict[int, RequestType] = {
+    T_ATTACH: RequestType(ATTACH_REQ, VirtioIommu._attach),
+    T_DETACH: RequestType(DETACH_REQ, VirtioIommu._detach),
+    T_MAP: RequestType(MAP_REQ, VirtioIommu._map),
+    T_UNMAP: RequestType(UNMAP_REQ, VirtioIommu._unmap),
+    T_PROBE: RequestType(PROBE_REQ, VirtioIommu._probe, lambda dev: dev.probe_size),
 }
+MAX_REQUEST = max(r.layout.size for r in DISPATCH.values())     # no request reads more than its largest layout
 
 
 def build_backend(ctx: BuildContext, spec: dict) -> VirtioIommu:

@@ -96,5 +96,6 @@ def test_unprotected_fault_policy_refuses_with_status_5():
     m = Machine(spec)
     m.memory.write(0x2000, b"\x77" * 64)
     assert m.dma("dma3", 0x1000, 0x2000, 64) == (5, 0x1000)
+    assert m.dma("dma3", 0x2010, 0x3000, 64) == (5, 0x2010)       # the first byte the copy touches
     assert m.memory.read(0x2000, 64) == b"\x77" * 64
     m.close()

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from vmm.backends import BackendUnavailable
-from vmm.board import BoardError, list_boards
+from vmm.board import BoardError, describe_types, list_boards
 from vmm.elfload import ImageError, load_image
 from vmm.images import available_images, find_image
 
@@ -59,6 +59,9 @@ def cmd_replay(args) -> int:
 
 
 def cmd_boards(args) -> int:
+    if args.types:
+        print(describe_types())
+        return 0
     for b in list_boards():
         print(f"{b.name:12} {b.description}")
     return 0
@@ -100,6 +103,7 @@ def parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_replay)
 
     b = sub.add_parser("boards", help="list boards")
+    b.add_argument("--types", action="store_true", help="list every registered device type with its board keys")
     b.set_defaults(func=cmd_boards)
 
     i = sub.add_parser("info", help="show what the loader sees in an ELF")

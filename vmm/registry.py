@@ -33,6 +33,7 @@ class _Required:
 REQUIRED: Any = _Required()
 
 _TYPE_NAMES = {int: "an integer", str: "a string", bool: "true or false", list: "a list"}
+_PLURALS = {int: "integers", str: "strings", bool: "booleans"}
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class Key:
         if not _is(value, self.type):
             return f"must be {_TYPE_NAMES.get(self.type, self.type.__name__)}, not {value!r}"
         if self.items is not None and not all(_is(v, self.items) for v in value):
-            return f"must be a list of {_TYPE_NAMES.get(self.items, self.items.__name__)}s, not {value!r}"
+            return f"must be a list of {_PLURALS.get(self.items, self.items.__name__)}, not {value!r}"
         if self.choices and value not in self.choices:
             return f"must be one of {', '.join(repr(c) for c in self.choices)}, not {value!r}"
         return None
@@ -70,7 +71,7 @@ class Key:
         kind = _TYPE_NAMES.get(self.type, self.type.__name__).split()[-1]
         if self.choices:
             kind = "|".join(repr(c) for c in self.choices)
-        dflt = "required" if self.required else f"default {self.default!r}"
+        dflt = "required" if self.required else "optional" if self.default is None else f"default {self.default!r}"
         if isinstance(self.default, int) and not isinstance(self.default, bool) and self.default >= 0x100:
             dflt = f"default {self.default:#x}"
         return f"{self.name} ({kind}, {dflt}){': ' + self.doc if self.doc else ''}"
