@@ -73,6 +73,8 @@ class DmaEngine:
             try:
                 src_runs = self.port.map(src, length, False)
                 dst_runs = self.port.map(dst, length, True)
+                self.port.check(src, src_runs)          # frames are judged once every page translated
+                self.port.check(dst, dst_runs)
             except DmaFault as fault:
                 status, fault_addr = fault.status, fault.address
             else:

@@ -13,6 +13,7 @@ rcar-virt) is held high exactly while InterruptStatus is non-zero. Nothing a dri
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
 import construct as cs
@@ -122,7 +123,8 @@ class VirtioMmio:
         self.status = 0
         self.interrupt_status = 0
         self.shm_sel = 0
-        self.needs_reset_reasons: list[str] = []
+        self.needs_reset_reasons: deque[str] = deque(maxlen=16)     # the latest; a guest may loop on errors
+        self.needs_reset_count = 0
         backend.attach(self)
 
     # -- state the backend consults ----------------------------------------------------------
@@ -146,6 +148,7 @@ class VirtioMmio:
         configuration-change interrupt if the driver is already running."""
         log.warning("virtio: device needs reset: %s", why)
         self.needs_reset_reasons.append(why)
+        self.needs_reset_count += 1
         self.status |= STATUS_DEVICE_NEEDS_RESET
         if self.status & STATUS_DRIVER_OK:
             self.interrupt(INT_CONFIG_CHANGE)

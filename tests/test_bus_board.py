@@ -78,7 +78,8 @@ def test_unprotected_masters_logged_at_start(caplog):
     m.close()
     lines = [r.getMessage() for r in caplog.records if "unprotected master" in r.getMessage()]
     assert lines == ["unprotected master: dma3 (master 3) is behind no IOMMU; its DMA reaches machine "
-                     "memory untranslated (bypass)"]
+                     "memory untranslated (bypass): it can reach the hypervisor's P2M tables and free memory "
+                     "(isolation watchdog: warn)"]
 
 
 def test_ram_above_the_device_window_continues_at_4g():

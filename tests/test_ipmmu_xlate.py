@@ -393,6 +393,11 @@ def test_shared_utlb_breaks_isolation(caplog):
         assert m.dma("dma5", 0x10_0000, 0x20_0000, 11) == (0, 0)     # dom1 programs IPAs of its own...
         assert dom0.read(0x20_0000, 11) == b"dom0 secret"            # ...and moves dom0's memory
         assert dom1.read(0x20_0000, 11) == bytes(11)
+        # the isolation watchdog saw it: one warning naming the master and whose frames it reached
+        assert m.crossings == {("dma5", "domain dom0"): 2}          # the source and the destination
+        iso = [r.getMessage() for r in caplog.records if r.getMessage().startswith("isolation:")]
+        assert iso == ["isolation: dma5 (domain dom1) reached domain dom0: device address 0x100000 is machine "
+                       f"address {dom0.p2m.lookup(0x10_0000)[0]:#x}"]
     finally:
         m.close()
 

@@ -38,6 +38,7 @@ class BoardSpec:
     ram: int = 128 << 20
     p2m: str = "direct"
     unprotected: str = "bypass"
+    isolation: str = "warn"
     boot_bypass: bool = False
     devices: list[dict] = field(default_factory=list)
     domains: list[dict] = field(default_factory=list)     # extra CPU-less domains: {name, ram}
@@ -67,7 +68,7 @@ def load_board(name_or_path: str) -> BoardSpec:
 
 
 def parse_board(data: dict, source: str = "<dict>") -> BoardSpec:
-    known_keys = {"name", "description", "ram", "p2m", "unprotected", "boot_bypass", "device", "domain"}
+    known_keys = {"name", "description", "ram", "p2m", "unprotected", "isolation", "boot_bypass", "device", "domain"}
     extra = set(data) - known_keys
     if extra:
         raise BoardError(f"{source}: unknown board key(s) {', '.join(sorted(extra))}")
@@ -77,6 +78,7 @@ def parse_board(data: dict, source: str = "<dict>") -> BoardSpec:
         ram=parse_size(data.get("ram", "128M")),
         p2m=str(data.get("p2m", "direct")),
         unprotected=str(data.get("unprotected", "bypass")),
+        isolation=str(data.get("isolation", "warn")),
         boot_bypass=bool(data.get("boot_bypass", False)),
         devices=[dict(d) for d in data.get("device", [])],
         domains=[dict(d) for d in data.get("domain", [])],
@@ -92,6 +94,8 @@ def validate(spec: BoardSpec) -> None:
         raise BoardError(f"{where}: p2m must be 'direct' or 'scattered', not {spec.p2m!r}")
     if spec.unprotected not in ("bypass", "fault"):
         raise BoardError(f"{where}: unprotected must be 'bypass' or 'fault', not {spec.unprotected!r}")
+    if spec.isolation not in ("warn", "fault", "off"):
+        raise BoardError(f"{where}: isolation must be 'warn', 'fault' or 'off', not {spec.isolation!r}")
     if spec.ram < (2 << 20) or spec.ram % 4096:
         raise BoardError(f"{where}: ram must be at least 2 MiB and a multiple of 4 KiB")
     if spec.ram > (64 << 30):

@@ -28,7 +28,8 @@ class Bus:
         self.log_unclaimed = log_unclaimed
         self._starts: list[int] = []
         self._ranges: list[tuple[int, int, BusDevice, str]] = []   # (start, end, device, name)
-        self._unclaimed_logged: set[tuple[str, int]] = set()
+        self._unclaimed_logged: set[tuple[str, int]] = set()     # bounded: a guest may try every address
+        self.unclaimed = 0
 
     def add(self, base: int, size: int, device: BusDevice, name: str) -> None:
         if size <= 0:
@@ -77,8 +78,9 @@ class Bus:
         self._unclaimed(addr, size, "write")
 
     def _unclaimed(self, addr: int, size: int, what: str) -> None:
+        self.unclaimed += 1
         key = (what, addr)
-        if self.log_unclaimed and key not in self._unclaimed_logged:
+        if self.log_unclaimed and key not in self._unclaimed_logged and len(self._unclaimed_logged) < 4096:
             self._unclaimed_logged.add(key)
             log.warning("unclaimed %s %s of %d bytes at %#x (%s)", self.kind, what, size, addr,
                         "reads 0" if what == "read" else "dropped")

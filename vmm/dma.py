@@ -17,6 +17,7 @@ from vmm.memory import PAGE, MachineMemory
 from vmm.walker import PERMISSION, Fault, R, W
 
 if TYPE_CHECKING:
+    from vmm.frames import Isolation
     from vmm.machine import Domain
     from vmm.p2m import P2M
 
@@ -25,6 +26,7 @@ STATUS_TRANSLATION = 2
 STATUS_PERMISSION = 3
 STATUS_BAD_LENGTH = 4
 STATUS_REFUSED = 5
+STATUS_ISOLATION = 8
 
 PAGE_MASK = ~(PAGE - 1)
 ADDR_LIMIT = 1 << 64
@@ -100,8 +102,9 @@ class DeviceMemory:
     """
 
     def __init__(self, memory: MachineMemory, resolve: Callable[[], Translator], name: str,
-                 p2m: P2M | None = None) -> None:
+                 p2m: P2M | None = None, isolation: Isolation | None = None) -> None:
         self.memory = memory
+        self.isolation = isolation
         self.view = memory.view
         self.name = name
         self._resolve = resolve
@@ -139,12 +142,28 @@ class DeviceMemory:
             cursor += n
         return runs
 
+    def check(self, iova: int, runs: Runs) -> None:
+        """The isolation watchdog (``vmm.frames``): report runs that leave the device's domain and,
+        under ``isolation = "fault"``, refuse them with STATUS 8. Separate from ``map`` because a
+        master translates all its pages before any frame is judged."""
+        iso = self.isolation
+        if iso is not None:
+            at = iso.check(self.name, iova, runs)
+            if at is not None and iso.policy == "fault":
+                raise DmaFault(STATUS_ISOLATION, at, "crosses into a frame its domain does not own")
+
+    def map_checked(self, iova: int, length: int, write: bool) -> Runs:
+        runs = self.map(iova, length, write)
+        if self.isolation is not None:
+            self.check(iova, runs)
+        return runs
+
     def page(self, page: int, write: bool) -> int:
         """Machine address of the page at ``page`` (page aligned); raises DmaFault."""
         cache = self._wr if write else self._rd
         mpa = cache.get(page)
         if mpa is None:
-            runs = self.map(page, PAGE, write)
+            runs = self.map_checked(page, PAGE, write)
             if len(runs) != 1 or runs[0][1] != PAGE:
                 raise DmaFault(STATUS_TRANSLATION, page, "page does not map to one frame")
             mpa = runs[0][0]
@@ -160,7 +179,7 @@ class DeviceMemory:
         if length <= 0:
             return []
         if not self._cache:
-            return self.map(iova, length, write)
+            return self.map_checked(iova, length, write)
         if iova < 0 or iova + length > ADDR_LIMIT:
             raise DmaFault(STATUS_TRANSLATION, max(iova, 0) & (ADDR_LIMIT - 1), "beyond the address space")
         out: Runs = []

@@ -15,6 +15,7 @@ from vmm import board as boards
 from vmm.bus import Bus, BusError
 from vmm.debugports import DebugConsole, DebugExit
 from vmm.dma import P2MTranslator
+from vmm.frames import HYPERVISOR, FrameOwners, Isolation
 from vmm.guestram import GuestRam
 from vmm.irq import IrqController
 from vmm.memory import PAGE, MachineMemory
@@ -43,6 +44,10 @@ def _align(x: int, a: int) -> int:
     return (x + a - 1) & ~(a - 1)
 
 
+class MachineError(Exception):
+    """A machine used in a way its life cycle does not allow (a second run, use after close)."""
+
+
 class AccessObserver(Protocol):
     """Sees every CPU-side bus access (MMIO and port I/O) the machine dispatches: trace recording.
 
@@ -67,6 +72,7 @@ class Domain:
     ram_ranges: list[tuple[int, int]]
     direct: bool
     ram: GuestRam | None = None
+    owner: int = 0                       # its id in the machine's frame-ownership map
     p2m_translator: P2MTranslator = field(init=False)
 
     def __post_init__(self) -> None:
@@ -150,7 +156,9 @@ class Machine:
         self.pio = Bus("pio", log_unclaimed=not quiet)
         self.devices: dict = {}
         self.masters: list[dict] = []
+        self.crossings: dict[tuple[str, str], int] = {}     # (device, owner) -> isolation crossings
         self._closed = False
+        self._ran = False
         self._select_access()
         self._build_memory()
         self._build_devices()
@@ -177,6 +185,8 @@ class Machine:
         extra_total = sum(_align(d["ram"], MIB2) for d in spec.domains)
         self.memory = MachineMemory(extra_start + extra_total)
         self.memory.set_pool(pool_start, extra_start)
+        self.frames = FrameOwners(self.memory.size)
+        self.frames.assign(pool_start, extra_start - pool_start, HYPERVISOR)
         self.walker = Walker(self.memory)
         self.domains: dict[str, Domain] = {}
 
@@ -184,7 +194,9 @@ class Machine:
         if spec.p2m == "direct":
             for gpa, size in ranges:
                 dom0.p2m.populate(gpa, gpa, size)
+                self.frames.assign(gpa, size, dom0.owner)
         else:
+            self.frames.assign(PAGE, spec.ram, dom0.owner, step=2)
             # Cache-colouring style: guest page i lives on machine frame 2i+1, so no two guest
             # pages are machine-adjacent and no GPA equals its MPA.
             i = 0
@@ -196,6 +208,7 @@ class Machine:
         for d in spec.domains:
             dom = self._new_domain(d["name"], [(0, d["ram"])], direct=False)
             dom.p2m.populate(0, mpa, d["ram"])
+            self.frames.assign(mpa, d["ram"], dom.owner)
             mpa += _align(d["ram"], MIB2)
         for dom in self.domains.values():
             dom.p2m.go_live()
@@ -207,6 +220,7 @@ class Machine:
         ctx = self.alloc_ctx_id()
         dom = Domain(name, len(self.domains), P2M(self.memory, self.walker, ctx, s2_id=len(self.domains)),
                      ranges, direct)
+        dom.owner = self.frames.add_owner(f"domain {name}")
         self.domains[name] = dom
         return dom
 
@@ -239,6 +253,11 @@ class Machine:
             if m.get("iommu") is None:
                 what = ("reaches machine memory untranslated (bypass)" if self.board.unprotected == "bypass"
                         else "is refused (STATUS 5)")
+                if self.board.unprotected == "bypass":
+                    others = [d for d in self.domains if d != m.get("domain", "dom0")]
+                    what += (f": it can reach {', '.join(f'domain {d}' for d in others) + ', ' if others else ''}"
+                             "the hypervisor's P2M tables and free memory"
+                             f"{' (isolation watchdog: ' + self.board.isolation + ')' if self.board.isolation != 'off' else ''}")
                 log.warning("unprotected master: %s (master %s) is behind no IOMMU; its DMA %s",
                             m["name"], m.get("master", 0), what)
             else:
@@ -249,6 +268,22 @@ class Machine:
                 log.warning("%s micro-TLB/endpoint %d is shared by domains %s (masters %s): one context "
                             "translates for all of them, so they are not isolated",
                             iommu, mid, " and ".join(doms), ", ".join(m["name"] for m in ms))
+
+    # -- the isolation watchdog --------------------------------------------------------------
+    def isolation_for(self, domain: str) -> Isolation | None:
+        """The watchdog a device acting for ``domain`` gets (None under ``isolation = "off"``)."""
+        if self.board.isolation == "off":
+            return None
+        return Isolation(self.frames, self.domains[domain].owner, domain, self.board.isolation, self._crossed)
+
+    def _crossed(self, device: str, domain: str, at: int, mpa: int, owner: str) -> None:
+        key = (device, owner)
+        n = self.crossings.get(key, 0)
+        self.crossings[key] = n + 1
+        if n == 0 and not self.quiet:
+            log.warning("isolation: %s (domain %s) reached %s: device address %#x is machine address %#x%s",
+                        device, domain, owner, at, mpa,
+                        "; refused (STATUS 8)" if self.board.isolation == "fault" else "")
 
     # -- access observers -------------------------------------------------------------------
     def add_observer(self, observer: AccessObserver) -> None:
@@ -312,9 +347,13 @@ class Machine:
         return self.domains["dom0"]
 
     def read_guest(self, gpa: int, length: int, domain: str = "dom0") -> bytes:
+        if self._closed:
+            raise MachineError("this machine is closed")
         return self.domains[domain].read(gpa, length)
 
     def write_guest(self, gpa: int, data: bytes, domain: str = "dom0") -> None:
+        if self._closed:
+            raise MachineError("this machine is closed")
         self.domains[domain].write(gpa, data)
 
     def dma(self, engine: str, src: int, dst: int, length: int, irq: bool = False) -> tuple[int, int]:
@@ -334,6 +373,13 @@ class Machine:
 
     # -- jobs -------------------------------------------------------------------------------
     def run(self, image: str | None = None, backend: str = "auto", timeout: float = 10.0):
+        """Boot a payload. A machine runs once: its RAM, devices and P2M carry the first run's
+        state, so a second run would not start from a reset machine; build a new one."""
+        if self._closed:
+            raise MachineError("this machine is closed")
+        if self._ran:
+            raise MachineError("this machine already ran a payload; build a new Machine for the next run")
+        self._ran = True
         from vmm.runner import run_image
         return run_image(self, image, backend=backend, timeout=timeout)
 
@@ -346,11 +392,15 @@ class Machine:
         if self._closed:
             return
         self._closed = True
+        self.mmio_read = self.mmio_write = self.pio_read = self.pio_write = self._closed_access
         for dom in self.domains.values():
             if dom.ram is not None:
                 dom.ram.close()
                 dom.ram = None
         self.memory.close()
+
+    def _closed_access(self, *args) -> int:
+        raise MachineError("this machine is closed")
 
     def __enter__(self) -> Machine:
         return self

@@ -42,11 +42,13 @@ class BuildContext:
         """A device's window on a domain's guest-physical memory, through its P2M (virtqueues and
         request buffers, which a VMM reads the way the domain's CPU sees them)."""
         translator = P2MTranslator(domain.p2m)
-        return DeviceMemory(self.memory, lambda: translator, name, p2m=domain.p2m)
+        return DeviceMemory(self.memory, lambda: translator, name, p2m=domain.p2m,
+                            isolation=self.machine.isolation_for(domain.name))
 
     def dma_memory(self, spec: dict) -> DeviceMemory:
         """A bus master's window on memory: its IOMMU's translator, or the board's policy."""
-        return DeviceMemory(self.memory, lambda: self.translator_for(spec), spec["name"])
+        return DeviceMemory(self.memory, lambda: self.translator_for(spec), spec["name"],
+                            isolation=self.machine.isolation_for(spec.get("domain", "dom0")))
 
     def translator_for(self, spec: dict) -> Translator:
         iommu_name = spec.get("iommu")
