@@ -254,10 +254,11 @@ class Machine:
                 what = ("reaches machine memory untranslated (bypass)" if self.board.unprotected == "bypass"
                         else "is refused (STATUS 5)")
                 if self.board.unprotected == "bypass":
-                    others = [d for d in self.domains if d != m.get("domain", "dom0")]
-                    what += (f": it can reach {', '.join(f'domain {d}' for d in others) + ', ' if others else ''}"
-                             "the hypervisor's P2M tables and free memory"
-                             f"{' (isolation watchdog: ' + self.board.isolation + ')' if self.board.isolation != 'off' else ''}")
+                    reach = [f"domain {d}" for d in self.domains if d != m.get("domain", "dom0")]
+                    reach += ["the hypervisor's P2M tables and free memory"]
+                    what += f": it can reach {', '.join(reach)}"
+                    if self.board.isolation != "off":
+                        what += f" (isolation watchdog: {self.board.isolation})"
                 log.warning("unprotected master: %s (master %s) is behind no IOMMU; its DMA %s",
                             m["name"], m.get("master", 0), what)
             else:
