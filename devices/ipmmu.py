@@ -152,6 +152,7 @@ class Ipmmu:
         self.modes: list[Mode | None] = [None] * MAX_CONTEXTS
         self._stages: list[tuple | None] = [None] * MAX_CONTEXTS
         self.faults = 0                       # recorded faults (tests, bench)
+        self.mem_size = 1 << 64               # machine memory's size (set by the builder)
 
     # -- topology -----------------------------------------------------------------------------
     @property
@@ -363,8 +364,15 @@ class Ipmmu:
         pages = range_pages(iova, length, 12)
         out, fault = self.walker.translate(wctx, pages, W if write else R)
         n = len(out)
-        if fault.count(0) != n:
-            i = next(i for i, f in enumerate(fault) if f)
+        clean = fault.count(0) == n
+        i = n if clean else next(i for i, f in enumerate(fault) if f)
+        if i and max(out if clean else out[:i]) >= self.mem_size:
+            # Pages are taken in order: one that translated to an address outside machine memory
+            # fails in its turn, before any later page's fault, and the IPMMU records nothing.
+            j = next(k for k in range(i) if out[k] >= self.mem_size)
+            address = max((iova & PAGE_MASK) + j * PAGE, iova)
+            raise DmaFault(STATUS_TRANSLATION, address, f"{self.name} context {c}: outside machine memory")
+        if not clean:
             res = decode_fault(fault[i], out[i])
             bit, errcode, status = FAULT_MAP.get(res.kind, FAULT_MAP[TRANSLATION])
             address = max(res.address & PAGE_MASK, iova)      # the first byte of the failing page touched
@@ -409,6 +417,7 @@ def build(ctx, spec: dict) -> tuple[Ipmmu, int]:
             raise ValueError(f"contexts must be 1..{MAX_CONTEXTS} (Gen3 layout)")
         irq = ctx.irq(spec["irq"]) if spec.get("irq") is not None else None
         dev = Ipmmu(spec["name"], role, ctx.walker, contexts, utlbs, irq=irq)
+        dev.mem_size = ctx.memory.size
         dev.wctx = [ctx.alloc_ctx_id() for _ in range(contexts)]
         for dom in ctx.machine.domains.values():
             dom.p2m.listeners.append(functools.partial(dev.p2m_changed, dom.p2m))

@@ -409,3 +409,22 @@ def test_dom0_context_on_ds0_does_not_affect_ds1(rig):
     rig.m.memory.write(0x50_0000, b"x")
     assert rig.m.dma("dma0", 0x50_0000, 0x50_1000, 1) == (0, 0)      # ds1 uTLB 32 still pass-through
     assert rig.m.dma("dma4", 0x50_0000, 0x50_1000, 1) == (2, 0x50_0000)
+
+
+def test_a_page_outside_machine_memory_fails_in_its_turn(linux):
+    """facts/ipmmu.md section 10: pages are taken in order; page 1 translating outside machine memory
+    fails before page 2's translation fault would, with STATUS 2, FAULT_ADDR at page 1 and no IPMMU
+    record or IRQ (the walk itself succeeded)."""
+    m = linux.m
+    t = Tables(m)
+    linux.linux_context(1, t.root)
+    beyond = m.memory.size + 0x10_0000                             # below 2^40, above machine memory
+    t.map(0x2000_0000, 0x30_0000)
+    t.map(0x2000_1000, beyond)                                     # page 2 (0x2000_2000) stays unmapped
+    linux.edges.clear()
+    assert m.dma("dma0", 0x2000_0010, 0x40_0000, 3 * PAGE) == (2, 0x2000_1000)
+    assert linux.fault_record(1) == (0, 0) and linux.edges == []
+    t.map(0x2000_1000, 0x31_0000)                                  # now page 2's walk faults first
+    linux.flush(1)
+    assert m.dma("dma0", 0x2000_0010, 0x40_0000, 3 * PAGE) == (2, 0x2000_2000)
+    assert linux.fault_record(1) == (imstr(TF, 1, 3), 0x2000_2000)

@@ -46,6 +46,46 @@ class RamRange:
         self._finalizer = weakref.finalize(self, _libc.munmap, self.host, size)
 
 
+MAP_MARGIN = 4096          # mappings left for everything else the process maps (libraries, KVM, unicorn)
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def mapping_budget() -> tuple[int, int] | None:
+    """(vm.max_map_count, mappings this process holds now), or None where the kernel does not say."""
+    limit = _read_int("/proc/sys/vm/max_map_count")
+    if limit is None:
+        return None
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            used = sum(1 for _ in f)
+    except OSError:
+        return None
+    return limit, used
+
+
+def check_mappings(needed: int) -> str | None:
+    """Why ``needed`` more host mappings would exceed the kernel's per-process limit, or None.
+
+    A scattered P2M costs one mapping per guest page; past ``vm.max_map_count`` mmap fails half way
+    through building the machine, so the machine refuses up front with a line saying what to do."""
+    budget = mapping_budget()
+    if budget is None:
+        return None
+    limit, used = budget
+    if needed + used + MAP_MARGIN <= limit:
+        return None
+    return (f"this layout needs {needed} host mappings of guest RAM (one per machine-contiguous run), but "
+            f"vm.max_map_count is {limit} with {used} in use; use less RAM, --p2m direct, or raise the limit "
+            f"(sysctl -w vm.max_map_count={max(262144, 2 * (needed + used + MAP_MARGIN))})")
+
+
 class GuestRam:
     """Host mappings of a domain's RAM ranges, kept equal to what its P2M says."""
 

@@ -16,7 +16,7 @@ from vmm.bus import Bus, BusError
 from vmm.debugports import DebugConsole, DebugExit
 from vmm.dma import P2MTranslator
 from vmm.frames import HYPERVISOR, FrameOwners, Isolation
-from vmm.guestram import GuestRam
+from vmm.guestram import GuestRam, check_mappings
 from vmm.irq import IrqController
 from vmm.memory import PAGE, MachineMemory
 from vmm.p2m import P2M
@@ -210,6 +210,10 @@ class Machine:
             dom.p2m.populate(0, mpa, d["ram"])
             self.frames.assign(mpa, d["ram"], dom.owner)
             mpa += _align(d["ram"], MIB2)
+        if self.cpu_view and spec.p2m == "scattered":
+            why = check_mappings(spec.ram // PAGE)
+            if why is not None:
+                raise boards.BoardError(f"{spec.source}: scattered RAM of {spec.ram >> 20} MiB: {why}")
         for dom in self.domains.values():
             dom.p2m.go_live()
             if self.cpu_view:
