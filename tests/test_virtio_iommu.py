@@ -214,6 +214,28 @@ def test_one_gib_map_is_one_entry(d, m):
     assert d.unmap(1, 1 << 30, (2 << 30) - 2) == S_RANGE
 
 
+def test_the_default_cap_is_a_million_mappings_per_domain():
+    """The real cap: 999,999 mappings put in place inside the device (a request each would take
+    minutes), then the driver's requests find the 1,000,000th accepted and the next refused."""
+    m = Machine.from_board("rcar-virt")
+    try:
+        d = VirtioDriver(m).init()
+        assert d.attach(1, EP) == S_OK
+        maps = dev(m).domains[1].mappings
+        assert dev(m).max_mappings == 1_000_000
+        for i in range(999_999):
+            maps.insert(i * 0x2000, i * 0x2000 + 0xFFF, 0, vi.MAP_F_READ)
+        assert len(maps) == 999_999
+        top = 999_999 * 0x2000
+        assert d.map(1, top, top + 0xFFF, 0, R) == S_OK            # the millionth
+        assert d.map(1, top + 0x2000, top + 0x2FFF, 0, R) == S_NOMEM
+        assert d.unmap(1, 0, 0xFFF) == S_OK
+        assert d.map(1, top + 0x2000, top + 0x2FFF, 0, R) == S_OK
+        assert len(maps) == 1_000_000
+    finally:
+        m.close()
+
+
 def test_max_mappings_nomem():
     spec = boards.load_board("rcar-virt")
     next(dv for dv in spec.devices if dv["name"] == "virtio0")["max_mappings"] = 3

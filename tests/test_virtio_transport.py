@@ -234,7 +234,11 @@ def test_config_space_reads(drv):
     assert c(0x20, 4) == 512
     assert c(0x24, 1) == 0
     assert c(0x28, 4) == 0                               # beyond the 40-byte config
-    assert drv.r(0x0FC) == drv.r(0x0FC)                  # ConfigGeneration is stable
+    # ConfigGeneration: config changes only by driver writes, so it never moves (never torn)
+    before = drv.r(0x0FC)
+    drv.w(CONFIG + 0x24, 1, 1)
+    assert c(0x24, 1) == 1
+    assert drv.r(0x0FC) == before == 0
 
 
 def test_bypass_config_writes(drv):
