@@ -68,6 +68,7 @@ from devices.ipmmu_regs import (
 )
 from devices.ipmmu_regs import CTX_REGS as _CTX_REGS
 from vmm.dma import STATUS_PERMISSION, STATUS_TRANSLATION, DmaFault, Refuse, Runs
+from vmm.explain import FaultExplanation, explain_walk
 from vmm.registry import DeviceType, Key
 from vmm.walker import (
     ACCESS_FLAG,
@@ -152,7 +153,8 @@ class Ipmmu:
         self.modes: list[Mode | None] = [None] * MAX_CONTEXTS
         self._stages: list[tuple | None] = [None] * MAX_CONTEXTS
         self.faults = 0                       # recorded faults (tests, bench)
-        self.mem_size = 1 << 64               # machine memory's size (set by the builder)
+        self.memory = None                    # MachineMemory (set by the builder): explanations read tables
+        self.mem_size = 1 << 64               # its size
 
     # -- topology -----------------------------------------------------------------------------
     @property
@@ -344,18 +346,38 @@ class Ipmmu:
         if mode is None:
             mode = self.modes[c] = self.mode(c)
         if not mode.ok:
-            self._config_fault(c, iova, mode.why)
+            self._config_fault(c, iova, mode.why, write)
         end = iova + length
         if end > mode.limit:
             if iova >= mode.limit:
-                self._config_fault(c, iova, "input address beyond the input size")
+                self._config_fault(c, iova, "input address beyond the input size", write)
             self._walk(c, mode.wctx, iova, mode.limit - iova, write)
-            self._config_fault(c, mode.limit, "input address beyond the input size")
+            self._config_fault(c, mode.limit, "input address beyond the input size", write)
         return self._walk(c, mode.wctx, iova, length, write)
 
-    def _config_fault(self, c: int, address: int, why: str) -> None:
+    def _config_fault(self, c: int, address: int, why: str, write: bool) -> None:
         self.record_fault(c, IMSTR_TF, ERRCODE_NONE, 0, address)
-        raise DmaFault(STATUS_TRANSLATION, address, f"{self.name} context {c}: {why}")
+        expl = FaultExplanation(self.name, address, "write" if write else "read", STATUS_TRANSLATION,
+                                f"configuration fault (IMSTR.TF, ERRCODE 0, ERRLVL 0): {why}",
+                                context=f"context {c} ({self.describe_context(c)})")
+        raise DmaFault(STATUS_TRANSLATION, address, f"{self.name} context {c}: {why}", expl)
+
+    def describe_context(self, c: int) -> str:
+        regs = self.ctx[c]
+        return (f"IMCTR {regs['IMCTR']:#x} IMTTBCR {regs['IMTTBCR']:#x} TTBR {self.ttbr(c):#x} "
+                f"IMSAUXCTLR {self.glob['IMSAUXCTLR']:#x}")
+
+    def _explain(self, c: int, address: int, write: bool, status: int, bit: int, errcode: int,
+                 level: int) -> FaultExplanation:
+        """The walk behind a recorded fault, level by level, replayed over the tables as they are."""
+        stage2, stage = self._stages[c]
+        steps, reason = explain_walk(self.memory, None if stage2 else stage, stage if stage2 else None,
+                                     address, write)
+        kind = {IMSTR_TF: "TF", IMSTR_PF: "PF", IMSTR_ABORT: "ABORT"}.get(bit, hex(bit))
+        return FaultExplanation(self.name, address, "write" if write else "read", status,
+                                f"{reason} (IMSTR.{kind}, ERRCODE {errcode}, ERRLVL {level & 3})",
+                                context=f"context {c} (stage {2 if stage2 else 1}; {self.describe_context(c)})",
+                                steps=steps)
 
     def _walk(self, c: int, wctx: int, iova: int, length: int, write: bool) -> Runs:
         """Every page in one walker batch. A transfer whose pages land machine-contiguous (the
@@ -377,7 +399,8 @@ class Ipmmu:
             bit, errcode, status = FAULT_MAP.get(res.kind, FAULT_MAP[TRANSLATION])
             address = max(res.address & PAGE_MASK, iova)      # the first byte of the failing page touched
             self.record_fault(c, bit, errcode, res.level, address)
-            raise DmaFault(status, address, f"{self.name} context {c}: {res}")
+            raise DmaFault(status, address, f"{self.name} context {c}: {res}",
+                           self._explain(c, address, write, status, bit, errcode, res.level))
         first = out[0]
         if n > 1:
             base = first & PAGE_MASK
@@ -417,7 +440,7 @@ def build(ctx, spec: dict) -> tuple[Ipmmu, int]:
             raise ValueError(f"contexts must be 1..{MAX_CONTEXTS} (Gen3 layout)")
         irq = ctx.irq(spec["irq"]) if spec.get("irq") is not None else None
         dev = Ipmmu(spec["name"], role, ctx.walker, contexts, utlbs, irq=irq)
-        dev.mem_size = ctx.memory.size
+        dev.memory, dev.mem_size = ctx.memory, ctx.memory.size
         dev.wctx = [ctx.alloc_ctx_id() for _ in range(contexts)]
         for dom in ctx.machine.domains.values():
             dom.p2m.listeners.append(functools.partial(dev.p2m_changed, dom.p2m))

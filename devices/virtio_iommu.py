@@ -27,6 +27,7 @@ import construct as cs
 
 from devices.virtqueue import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, Chain, RingError, compile_layout
 from vmm.dma import STATUS_PERMISSION, STATUS_TRANSLATION, DmaFault, Runs, Translator
+from vmm.explain import FaultExplanation
 from vmm.memory import PAGE
 from vmm.registry import DeviceType, Key
 
@@ -155,6 +156,17 @@ class IntervalMap:
         i = bisect_right(self._starts[ci], addr) - 1
         return self._starts[ci][i], self._ends[ci][i], self._phys[ci][i], self._flags[ci][i]
 
+    def above(self, addr: int) -> tuple[int, int, int, int] | None:
+        """The entry with the smallest start > addr, or None."""
+        ci = max(bisect_right(self._firsts, addr) - 1, 0)
+        while ci < len(self._firsts):
+            st = self._starts[ci]
+            i = bisect_right(st, addr)
+            if i < len(st):
+                return st[i], self._ends[ci][i], self._phys[ci][i], self._flags[ci][i]
+            ci += 1
+        return None
+
     def find(self, addr: int) -> tuple[int, int, int, int] | None:
         """The entry containing addr, or None."""
         e = self.floor(addr)
@@ -230,7 +242,9 @@ class VirtioIommu:
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
 
     def __init__(self, endpoints: list[int], boot_bypass: bool = False,
-                 max_mappings: int = DEFAULT_MAX_MAPPINGS, probe_size: int = PROBE_SIZE) -> None:
+                 max_mappings: int = DEFAULT_MAX_MAPPINGS, probe_size: int = PROBE_SIZE,
+                 name: str = "virtio-iommu") -> None:
+        self.name = name
         self.endpoints = frozenset(int(e) for e in endpoints)
         self.boot_bypass = int(bool(boot_bypass))
         self.bypass = self.boot_bypass           # system reset value; survives device reset
@@ -511,12 +525,25 @@ class EndpointTranslator:
             log.exception("virtio-iommu: internal error translating %#x", iova)
             raise DmaFault(STATUS_TRANSLATION, iova & ~(PAGE - 1), f"internal error: {e!r}") from None
 
-    def _fault(self, reason: int, status: int, addr: int, write: bool) -> DmaFault:
+    def _fault(self, reason: int, status: int, addr: int, write: bool, why: str) -> DmaFault:
         """``addr`` is the first byte of the failing page the access touches (its start, or the
         page base where a later page fails): the event and the master's FAULT_ADDR carry it."""
         flags = (FAULT_F_WRITE if write else FAULT_F_READ) | FAULT_F_ADDRESS
         self.dev.report_fault(reason, flags, self.endpoint, addr)
-        return DmaFault(status, addr, "virtio-iommu refused the access")
+        name = {FAULT_R_UNKNOWN: "UNKNOWN", FAULT_R_DOMAIN: "DOMAIN", FAULT_R_MAPPING: "MAPPING"}[reason]
+        expl = FaultExplanation(self.dev.name, addr, "write" if write else "read", status,
+                                f"{why}; fault event reason {name}", context=f"endpoint {self.endpoint}")
+        return DmaFault(status, addr, "virtio-iommu refused the access", expl)
+
+    @staticmethod
+    def _near(maps: IntervalMap, addr: int) -> str:
+        before, after = maps.floor(addr), maps.above(addr)
+        parts = []
+        if before is not None:
+            parts.append(f"the nearest below is [{before[0]:#x}, {before[1]:#x}]")
+        if after is not None and after[0] > addr:
+            parts.append(f"the next is [{after[0]:#x}, {after[1]:#x}]")
+        return "; ".join(parts) or "the domain maps nothing"
 
     def _gpa(self, iova: int, gpa: int, length: int, write: bool) -> Runs:
         """GPA -> machine runs through the P2M; a P2M fault is reported at the matching IOVA."""
@@ -526,7 +553,7 @@ class EndpointTranslator:
             return self.p2m.translate(gpa, length, write)
         except DmaFault as e:
             delta = max(e.address, gpa) - gpa           # both first bytes of the failing page touched
-            raise DmaFault(e.status, iova + delta, e.why) from None
+            raise DmaFault(e.status, iova + delta, e.why, e.explanation) from None
 
     def _translate(self, iova: int, length: int, write: bool) -> Runs:
         dev = self.dev
@@ -536,13 +563,15 @@ class EndpointTranslator:
         if ep not in dev.endpoints:
             if dev.bypass:
                 return self._gpa(iova, iova, length, write)
-            raise self._fault(FAULT_R_UNKNOWN, STATUS_TRANSLATION, iova, write)
+            raise self._fault(FAULT_R_UNKNOWN, STATUS_TRANSLATION, iova, write,
+                              f"endpoint {ep} is not one of this device's endpoints and bypass is off")
         dom = dev.attached.get(ep)
         if dom is None:
             # Spec 1.7 (a): BYPASS_CONFIG is offered, so config.bypass alone decides.
             if dev.bypass:
                 return self._gpa(iova, iova, length, write)
-            raise self._fault(FAULT_R_DOMAIN, STATUS_TRANSLATION, iova, write)
+            raise self._fault(FAULT_R_DOMAIN, STATUS_TRANSLATION, iova, write,
+                              f"endpoint {ep} is attached to no domain and config.bypass is 0")
         if dom.bypass:
             return self._gpa(iova, iova, length, write)
         need = MAP_F_WRITE if write else MAP_F_READ
@@ -558,10 +587,15 @@ class EndpointTranslator:
                 continue
             hit = maps.find(cursor)
             if hit is None:
-                raise self._fault(FAULT_R_MAPPING, STATUS_TRANSLATION, cursor, write)
+                raise self._fault(FAULT_R_MAPPING, STATUS_TRANSLATION, cursor, write,
+                                  f"no mapping of domain {dom.id} covers IOVA {cursor:#x} ({self._near(maps, cursor)})")
             vs, ve, ps, flags = hit
             if not flags & need:
-                raise self._fault(FAULT_R_MAPPING, STATUS_PERMISSION, cursor, write)
+                raise self._fault(FAULT_R_MAPPING, STATUS_PERMISSION, cursor, write,
+                                  f"mapping [{vs:#x}, {ve:#x}] -> {ps:#x} of domain {dom.id} has flags {flags:#x} "
+                                  f"({'READ' if flags & MAP_F_READ else 'no READ'}, "
+                                  f"{'WRITE' if flags & MAP_F_WRITE else 'no WRITE'}): a {'write' if write else 'read'}"
+                                  " is not allowed")
             seg_end = min(ve + 1, end)
             runs.extend(self._gpa(cursor, ps + (cursor - vs), seg_end - cursor, write))
             cursor = seg_end
@@ -600,7 +634,7 @@ def build_backend(ctx: BuildContext, spec: dict) -> VirtioIommu:
         endpoints = [d.get("master", 0) for d in ctx.board.devices if d.get("iommu") == spec["name"]]
     if spec["max_mappings"] < 0:
         raise ValueError("max_mappings must be >= 0")
-    return VirtioIommu(endpoints, bool(ctx.board.boot_bypass), spec["max_mappings"])
+    return VirtioIommu(endpoints, bool(ctx.board.boot_bypass), spec["max_mappings"], name=spec["name"])
 
 
 DEVICE = DeviceType(

@@ -12,7 +12,7 @@ from test_ipmmu_support import DS1, MM, PAGE, Rig
 
 from vmm import Machine
 from vmm.dma import DmaFault
-from vmm.walker import ADDRESS_SIZE, F_NS_CHECK, NS, PERMISSION, TRANSLATION, WALK_ABORT, R, Stage, W
+from vmm.walker import ADDRESS_SIZE, F_NS_CHECK, NS, PERMISSION, TRANSLATION, WALK_ABORT, R, Stage, W, range_pages
 from vmm.walker.reference import ReferenceWalker
 
 # (IMCTR, IMTTBCR, input bits, start level): Linux's value, a 30-bit level-2 start, VA64 39-bit
@@ -96,6 +96,18 @@ def test_ipmmu_matches_reference_walker(env, data):
     port = m.devices["ipmmu_ds1"].translator(32, m.dom0)
     for iova, length, write in accesses:
         want = ref.translate_range(0, iova, length, W if write else R)
+        # Pages are taken in order: a page translating outside machine memory fails in its turn,
+        # before a later page's walk fault, with STATUS 2 and no IPMMU record (facts section 10).
+        pages = range_pages(iova, length, 12)
+        outs, faults = ref.translate(0, pages, W if write else R)
+        first_fault = next((i for i, f in enumerate(faults) if f), len(pages))
+        beyond = next((i for i in range(first_fault) if outs[i] >= m.memory.size), None)
+        if beyond is not None:
+            with pytest.raises(DmaFault) as e:
+                port.translate(iova, length, write)
+            assert (e.value.status, e.value.address) == (2, max(pages[beyond] & ~0xFFF, iova))
+            assert rig.fault_record(1) == (0, 0)
+            continue
         try:
             got = port.translate(iova, length, write)
         except DmaFault as e:

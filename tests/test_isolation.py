@@ -7,8 +7,8 @@ import logging
 import random
 
 import pytest
+from test_ipmmu_support import DS0, DS1, Rig
 
-from tests.test_ipmmu_support import DS0, DS1, Rig
 from vmm.board import load_board
 from vmm.machine import Machine
 from vmm.memory import PAGE

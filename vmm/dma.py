@@ -17,6 +17,7 @@ from vmm.memory import PAGE, MachineMemory
 from vmm.walker import PERMISSION, Fault, R, W
 
 if TYPE_CHECKING:
+    from vmm.explain import FaultExplanation
     from vmm.frames import Isolation
     from vmm.machine import Domain
     from vmm.p2m import P2M
@@ -35,11 +36,15 @@ Runs = list[tuple[int, int]]          # (machine address, length) in transfer or
 
 
 class DmaFault(Exception):
-    def __init__(self, status: int, address: int, why: str = "") -> None:
+    """A refused access: the master-visible STATUS, the first byte of the failing page touched, and
+    (when the refusing IOMMU can say more) a ``vmm.explain.FaultExplanation``."""
+
+    def __init__(self, status: int, address: int, why: str = "", explanation: FaultExplanation | None = None) -> None:
         super().__init__(f"DMA fault status {status} at {address:#x}{': ' + why if why else ''}")
         self.status = status
         self.address = address
         self.why = why
+        self.explanation = explanation
 
 
 class Translator(Protocol):
@@ -80,8 +85,15 @@ class P2MTranslator:
     def translate(self, iova: int, length: int, write: bool) -> Runs:
         res = self.p2m.walker.translate_range(self.p2m.ctx_id, iova, length, W if write else R)
         if isinstance(res, Fault):
+            from vmm.explain import FaultExplanation, explain_walk
+
             status = STATUS_PERMISSION if res.kind == PERMISSION else STATUS_TRANSLATION
-            raise DmaFault(status, max(res.address & PAGE_MASK, iova), "not in the P2M")
+            at = max(res.address & PAGE_MASK, iova)
+            steps, reason = explain_walk(self.p2m.memory, None, self.p2m.stage, at, write)
+            why = f"the P2M refuses guest-physical address {at:#x}: {reason}"
+            expl = FaultExplanation("P2M", at, "write" if write else "read",
+                                    status, why, context="stage 2 (the domain's P2M)", steps=steps)
+            raise DmaFault(status, at, "not in the P2M", expl)
         return res
 
 
@@ -102,9 +114,11 @@ class DeviceMemory:
     """
 
     def __init__(self, memory: MachineMemory, resolve: Callable[[], Translator], name: str,
-                 p2m: P2M | None = None, isolation: Isolation | None = None) -> None:
+                 p2m: P2M | None = None, isolation: Isolation | None = None,
+                 report: Callable[[str, DmaFault, bool | None], None] | None = None) -> None:
         self.memory = memory
         self.isolation = isolation
+        self.report = report            # the machine's fault log (explanations)
         self.view = memory.view
         self.name = name
         self._resolve = resolve
@@ -130,16 +144,23 @@ class DeviceMemory:
     def map(self, iova: int, length: int, write: bool) -> Runs:
         """Translate a transfer and check that it stays inside machine memory; raises DmaFault
         with the first byte of the failing page the transfer touches."""
-        if iova < 0 or iova + length > ADDR_LIMIT:
-            raise DmaFault(STATUS_TRANSLATION, max(iova, 0) & (ADDR_LIMIT - 1), "beyond the address space")
-        runs = self.translator.translate(iova, length, write)
-        size = self.memory.size
-        cursor = iova
-        for mpa, n in runs:
-            if mpa < 0 or mpa + n > size:
-                bad = cursor + max(0, min(n, size - mpa)) if mpa < size else cursor
-                raise DmaFault(STATUS_TRANSLATION, max(bad & PAGE_MASK, iova), "outside machine memory")
-            cursor += n
+        try:
+            if iova < 0 or iova + length > ADDR_LIMIT:
+                raise DmaFault(STATUS_TRANSLATION, max(iova, 0) & (ADDR_LIMIT - 1), "beyond the address space")
+            runs = self.translator.translate(iova, length, write)
+            size = self.memory.size
+            cursor = iova
+            for mpa, n in runs:
+                if mpa < 0 or mpa + n > size:
+                    bad = cursor + max(0, min(n, size - mpa)) if mpa < size else cursor
+                    raise DmaFault(STATUS_TRANSLATION, max(bad & PAGE_MASK, iova),
+                                   f"lands at machine address {mpa + (max(bad & PAGE_MASK, iova) - cursor):#x}, "
+                                   f"outside machine memory ({size:#x} bytes)")
+                cursor += n
+        except DmaFault as fault:
+            if self.report is not None:
+                self.report(self.name, fault, write)
+            raise
         return runs
 
     def check(self, iova: int, runs: Runs) -> None:
@@ -150,7 +171,11 @@ class DeviceMemory:
         if iso is not None:
             at = iso.check(self.name, iova, runs)
             if at is not None and iso.policy == "fault":
-                raise DmaFault(STATUS_ISOLATION, at, "crosses into a frame its domain does not own")
+                fault = DmaFault(STATUS_ISOLATION, at, "crosses into a frame its domain does not own "
+                                 f"(isolation = \"fault\"): {iso.last}")
+                if self.report is not None:
+                    self.report(self.name, fault, None)
+                raise fault
 
     def map_checked(self, iova: int, length: int, write: bool) -> Runs:
         runs = self.map(iova, length, write)

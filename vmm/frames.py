@@ -72,6 +72,7 @@ class Isolation:
         self.domain = domain
         self.policy = policy
         self._report = report
+        self.last = ""                  # what the last crossing reached (for fault explanations)
 
     def check(self, device: str, iova: int, runs: list[tuple[int, int]]) -> int | None:
         """The first byte (as the device addressed it) that crosses into a frame the domain does not
@@ -82,5 +83,6 @@ class Isolation:
         k, mpa = hit
         at = iova + sum(n for _, n in runs[:k]) + (mpa - runs[k][0])
         who = self.owners.names[self.owners.owner_of(mpa)]
+        self.last = f"device address {at:#x} is machine address {mpa:#x}, owned by {who}"
         self._report(device, self.domain, at, mpa, who)
         return at

@@ -7,6 +7,7 @@ register name.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -14,7 +15,8 @@ from typing import Protocol
 from vmm import board as boards
 from vmm.bus import Bus, BusError
 from vmm.debugports import DebugConsole, DebugExit
-from vmm.dma import P2MTranslator
+from vmm.dma import DmaFault, P2MTranslator
+from vmm.explain import FaultExplanation
 from vmm.frames import HYPERVISOR, FrameOwners, Isolation
 from vmm.guestram import GuestRam, check_mappings
 from vmm.irq import IrqController
@@ -157,6 +159,9 @@ class Machine:
         self.devices: dict = {}
         self.masters: list[dict] = []
         self.crossings: dict[tuple[str, str], int] = {}     # (device, owner) -> isolation crossings
+        self.fault_log: deque[FaultExplanation] = deque(maxlen=256)     # the latest explained faults
+        self.fault_count = 0
+        self.fault_listeners: list[Callable[[FaultExplanation], None]] = []
         self._closed = False
         self._ran = False
         self._select_access()
@@ -289,6 +294,27 @@ class Machine:
             log.warning("isolation: %s (domain %s) reached %s: device address %#x is machine address %#x%s",
                         device, domain, owner, at, mpa,
                         "; refused (STATUS 8)" if self.board.isolation == "fault" else "")
+
+    # -- fault explanations -----------------------------------------------------------------
+    def report_fault(self, device: str, fault: DmaFault, write: bool | None) -> None:
+        """A device's access was refused: keep its explanation (``fault_log``, listeners)."""
+        expl = fault.explanation
+        if expl is None:
+            spec = next((m for m in self.masters if m["name"] == device), None)
+            iommu = (spec.get("iommu") or "no IOMMU (the board's unprotected policy)") if spec else "guest memory"
+            access = "read" if write is False else "write" if write else "access"
+            expl = FaultExplanation(iommu, fault.address, access, fault.status, fault.why or str(fault))
+        elif expl.master and expl.master != device:
+            return                        # already reported by the device that raised it
+        expl.master = device
+        self.fault_count += 1
+        self.fault_log.append(expl)
+        for listener in self.fault_listeners:
+            listener(expl)
+
+    def faults(self) -> list[dict]:
+        """The latest explained faults as data (what ``vmm run --json`` reports)."""
+        return [e.as_dict() for e in self.fault_log]
 
     # -- access observers -------------------------------------------------------------------
     def add_observer(self, observer: AccessObserver) -> None:

@@ -47,6 +47,20 @@ class _Stop(Exception):
 
 
 @dataclass
+class Step:
+    """One descriptor read of a walk: which table, which entry, where it was and what it held
+    (``descriptor`` None: the read itself failed)."""
+
+    stage: int
+    level: int
+    table: int          # the table's base (an IPA for a nested stage 1)
+    index: int
+    table_ipa: int      # the descriptor's address before stage 2 (== address when not nested)
+    address: int        # the machine address it was read from
+    descriptor: int | None
+
+
+@dataclass
 class _Leaf:
     oa: int          # output address of the translated input address
     perms: int       # accesses this leaf (and APTable on the way) allows
@@ -112,9 +126,10 @@ class ReferenceWalker:
         return int.from_bytes(self._mem.view[pa:pa + 8], "little")
 
     def _walk(self, geo: _StageGeometry, ia: int, access: int, via: _StageGeometry | None,
-              table_ipas: list[int] | None = None) -> _Leaf:
+              table_ipas: list[int] | None = None, trace: list[Step] | None = None) -> _Leaf:
         """One stage, D8.15.4 order. ``via``: stage 2 that translates this stage's table IPAs
-        (collected in ``table_ipas`` so the IOTLB knows which IPAs the result depends on)."""
+        (collected in ``table_ipas`` so the IOTLB knows which IPAs the result depends on).
+        ``trace`` collects one ``Step`` per descriptor read (fault explanations)."""
         st, stage = geo.st, geo.no
         if not geo.consistent or ia >= 1 << st.ia_bits:
             raise _Stop(TRANSLATION, stage, 0, ia)
@@ -132,15 +147,20 @@ class ReferenceWalker:
             size = geo.level_size[level]
             index = (ia // size) % entries
             desc_addr = table + 8 * index
+            table_ipa = desc_addr
             if via is not None:
                 if table_ipas is not None:
                     table_ipas.append(desc_addr)
                 try:
-                    desc_addr = self._walk(via, desc_addr, _READ, None).oa
+                    desc_addr = self._walk(via, desc_addr, _READ, None, trace=trace).oa
                 except _Stop as stop:
                     f = stop.fault
                     raise _Stop(f.kind, f.stage, f.level, f.address, True) from None
+            if trace is not None:
+                trace.append(Step(stage, level, table, index, table_ipa, desc_addr, None))
             desc = self._fetch(desc_addr, stage, level, ia)
+            if trace is not None:
+                trace[-1].descriptor = desc
             kind = desc & 3
             if kind in (0, 2):
                 raise _Stop(TRANSLATION, stage, level, ia)
@@ -177,6 +197,22 @@ class ReferenceWalker:
             table = next_table
             entries = 1 << geo.bits_per_level
             level += 1
+
+    def explain(self, s1: Stage | None, s2: Stage | None, addr: int, access: int) -> tuple[list[Step], Fault | None]:
+        """Walk ``addr`` through the given stages as they are in memory now (no IOTLB), recording
+        every descriptor read: the level-by-level account behind a fault explanation."""
+        g1 = _StageGeometry(s1, 1) if s1 is not None else None
+        g2 = _StageGeometry(s2, 2) if s2 is not None else None
+        trace: list[Step] = []
+        try:
+            ipa = addr
+            if g1 is not None:
+                ipa = self._walk(g1, addr, access & 3, g2, None, trace).oa
+            if g2 is not None:
+                self._walk(g2, ipa, access & 3, None, None, trace)
+        except _Stop as stop:
+            return trace, stop.fault
+        return trace, None
 
     def _translate(self, ctx_id: int, addr: int, access: int) -> tuple[int, int, int, int, int, tuple[int, ...]]:
         """Full translation: (out, perms, input leaf size, ipa or -1, ipa leaf size, s1 table IPAs)."""
