@@ -135,3 +135,30 @@ def test_auto_backend_says_which_it_chose():
     r = subprocess.run([sys.executable, "-m", "vmm", "run", "hello"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0
     assert "backend: kvm" in r.stderr or "backend: emulated" in r.stderr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_satisfy_the_cpu_backend_protocol(backend):
+    from vmm.backends import CpuBackend
+    from vmm.runner import choose_backend
+
+    m = Machine.from_board("rcar-virt")
+    try:
+        cpu = choose_backend(backend)(m)
+        try:
+            assert isinstance(cpu, CpuBackend)
+            assert cpu.name == backend
+            assert "RIP=" in cpu.describe_cpu()
+            assert cpu.dirty_pages() == []        # not recording: nothing tracked
+        finally:
+            cpu.close()
+    finally:
+        m.close()
+
+
+def test_emulated_choice_does_not_import_kvm_and_kvm_choice_does_not_import_unicorn():
+    code = "import sys; from vmm.runner import choose_backend; choose_backend({!r}); print({!r} in sys.modules)"
+    for chosen, absent in (("emulated", "vmm.backends.kvm"), ("kvm", "unicorn"), ("kvm", "vmm.backends.emulated")):
+        out = subprocess.run([sys.executable, "-c", code.format(chosen, absent)],
+                             capture_output=True, text=True, check=True).stdout
+        assert out.strip() == "False", (chosen, absent, out)
