@@ -1,4 +1,5 @@
-"""Build glue that pyproject.toml cannot express: the cffi modules (walker, KVM exit path) and the
+"""Build glue that pyproject.toml cannot express: the cffi modules (walker, KVM exit path,
+unicorn memory hooks) and the
 guest payload ELFs."""
 import shutil
 import subprocess
@@ -24,5 +25,6 @@ class BuildPyWithGuests(build_py):
             shutil.copy2(elf, target / elf.name)
 
 
-setup(cffi_modules=["vmm/walker/build.py:ffibuilder", "vmm/backends/kvm_build.py:ffibuilder"],
+setup(cffi_modules=["vmm/walker/build.py:ffibuilder", "vmm/backends/kvm_build.py:ffibuilder",
+                   "vmm/backends/emu_build.py:ffibuilder"],
       cmdclass={"build_py": BuildPyWithGuests})

@@ -41,3 +41,32 @@ class CpuBackend(Protocol):
     def dirty_pages(self) -> list[int]: ...
 
     def describe_cpu(self) -> str: ...
+
+
+def load_compiled(stem: str):
+    """Import the cffi module ``vmm.backends.<stem>`` (``_kvm``, ``_emu``), compiling it in place
+    once from ``vmm/backends/<stem without _>_build.py`` in a source checkout that lacks it, as the
+    walker does. Raises ImportError saying why when it can be neither imported nor built."""
+    import importlib
+
+    name = f"vmm.backends.{stem}"
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        pass
+    import fcntl
+    import os
+    import tempfile
+
+    try:
+        with open(os.path.join(tempfile.gettempdir(), f"iommu-lab-{stem}-build.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                return importlib.import_module(name)
+            except ImportError:
+                pass
+            importlib.import_module(f"vmm.backends.{stem.lstrip('_')}_build").compile_in_place()
+            importlib.invalidate_caches()
+            return importlib.import_module(name)
+    except Exception as e:      # noqa: BLE001 - no compiler, read-only tree, ...: say so
+        raise ImportError(f"{name} is not built and cannot be built here ({e}); run `make setup`") from None

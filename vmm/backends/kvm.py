@@ -17,7 +17,7 @@ import signal
 import struct
 import threading
 
-from vmm.backends import EXIT_CRASHED, EXIT_HALTED, EXIT_TIMEOUT, BackendUnavailable, RunResult
+from vmm.backends import EXIT_CRASHED, EXIT_HALTED, EXIT_TIMEOUT, BackendUnavailable, RunResult, load_compiled
 from vmm.memory import PAGE
 
 KVM_GET_API_VERSION = 0xAE00
@@ -48,38 +48,11 @@ IDENTITY_MAP_ADDR = 0xFFFBC000
 KICK_SIGNAL = signal.SIGRTMIN + 2     # interrupts KVM_RUN for a timeout; a no-op handler is installed for it
 
 
-def _load_kx():
-    """The compiled exit path (vmm/backends/_kvm*.so), built in place once in a source checkout
-    that lacks it, as the walker is; None (with the reason in ``_kx_error``) when that fails."""
-    global _kx_error
-    try:
-        from vmm.backends import _kvm  # type: ignore[attr-defined]
-        return _kvm
-    except ImportError:
-        pass
-    import fcntl
-    import importlib
-    import tempfile
-    try:
-        with open(os.path.join(tempfile.gettempdir(), "iommu-lab-kvm-build.lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                from vmm.backends import _kvm  # type: ignore[attr-defined]
-                return _kvm
-            except ImportError:
-                pass
-            from vmm.backends.kvm_build import compile_in_place
-            compile_in_place()
-            importlib.invalidate_caches()
-            from vmm.backends import _kvm  # type: ignore[attr-defined]
-            return _kvm
-    except Exception as e:      # noqa: BLE001 - no compiler, read-only tree: KVM is then unusable
-        _kx_error = f"the KVM exit path (vmm/backends/_kvm) is not built and cannot be: {e}"
-        return None
-
-
 _kx_error = ""
-_kx = _load_kx()
+try:
+    _kx = load_compiled("_kvm")
+except ImportError as e:        # kvm_usable() reports it; auto then picks the emulated backend
+    _kx, _kx_error = None, str(e)
 if _kx is not None:
     KX_MMIO_READ, KX_MMIO_WRITE = _kx.lib.KX_MMIO_READ, _kx.lib.KX_MMIO_WRITE
     KX_PIO_IN, KX_PIO_OUT = _kx.lib.KX_PIO_IN, _kx.lib.KX_PIO_OUT
