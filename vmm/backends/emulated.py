@@ -14,8 +14,10 @@ more converting its six arguments than the bus and a device spend on the access.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import mmap
 import struct
+from collections.abc import Callable
 
 from unicorn import (
     UC_ARCH_X86,
@@ -60,28 +62,35 @@ _MEM_HOOK, _GAP_READ, _GAP_WRITE = (int(_ex.ffi.cast("uintptr_t", _ex.ffi.addres
                                      for f in ("ex_mem_hook", "ex_gap_read", "ex_gap_write"))
 
 
+BOOT_GDT = 0x5000        # below hvm_start_info; the payload loads its own GDT at once
+PHYS_LIMIT = 1 << 40        # unclaimed accesses anywhere below read 0, as on KVM
+ADDR_MASK = 0x000FFFFFFFFFF000     # physical address bits of a page-table entry
+_U64 = (1 << 64) - 1
+# What the C hook calls, by slot: a machine's mmio_read/mmio_write, or one device's read/write.
+_reads: dict[int, Callable[[int, int], int]] = {}
+_writes: dict[int, Callable[[int, int, int], None]] = {}
+_owners: dict[int, EmulatedBackend] = {}
+_slots = itertools.count(1)
+
+
 @_ex.ffi.def_extern()
-def ex_read(owner, addr: int, size: int) -> int:
-    """A device read, from the C memory hook; the value goes back to the guest through C."""
-    cpu = _ex.ffi.from_handle(owner)
+def ex_read(slot: int, addr: int, size: int) -> int:
+    """A read from the C memory hook (an address, or an offset into one device); C masks it to
+    ``size`` and hands it to the guest."""
     try:
-        return cpu.machine.mmio_read(addr, size)
+        return _reads[slot](addr, size) & _U64
     except BaseException as e:        # noqa: BLE001 - re-raised once emu_start returns
-        cpu._fail(e)
+        _owners[slot]._fail(e)
         return 0
 
 
 @_ex.ffi.def_extern()
-def ex_write(owner, addr: int, size: int, value: int) -> None:
-    """A device write, from the C memory hook (the value is already masked to ``size``)."""
-    cpu = _ex.ffi.from_handle(owner)
+def ex_write(slot: int, addr: int, size: int, value: int) -> None:
+    """A write from the C memory hook (the value already masked to ``size``)."""
     try:
-        cpu.machine.mmio_write(addr, size, value)
+        _writes[slot](addr, size, value)
     except BaseException as e:        # noqa: BLE001 - re-raised once emu_start returns
-        cpu._fail(e)
-BOOT_GDT = 0x5000        # below hvm_start_info; the payload loads its own GDT at once
-PHYS_LIMIT = 1 << 40        # unclaimed accesses anywhere below read 0, as on KVM
-ADDR_MASK = 0x000FFFFFFFFFF000     # physical address bits of a page-table entry
+        _owners[slot]._fail(e)
 
 
 def _page_cover(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -122,23 +131,33 @@ class EmulatedBackend:
         self.exception: int | None = None
         self._hook_error: BaseException | None = None
         self._cfuncs: list = []     # keep the ctypes trampolines alive (dirty tracking)
-        self._owner = _ex.ffi.new_handle(self)
-        self._windows: list = []    # keep the C hooks' struct ex_window alive
         devices = [s for s in _page_cover([(start, size) for start, size, _ in machine.mmio.ranges()])
                    if s[0] + s[1] <= PHYS_LIMIT and not any(r[0] < s[0] + s[1] and s[0] < r[0] + r[1] for r in ram)]
         self._backing = []
+        windows = []                # (start, size, host address of the backing or 0 for a gap)
         for base, size in devices:
             backing = mmap.mmap(-1, size)
             self._backing.append(backing)
             host = ctypes.addressof(ctypes.c_char.from_buffer(backing))
             uc.mem_map_ptr(base, size, UC_PROT_READ | UC_PROT_WRITE, host)
-            self._raw_mem_hook(_MEM_HOOK, base, base + size - 1, self._window(base, host))
-        for base, size in _gaps(sorted(ram + devices)):
-            window = self._window(base, 0)
-            err = uclib.uc_mmio_map(uc._uch, base, size, _GAP_READ, window, _GAP_WRITE, window)
+            windows.append((base, size, host))
+        gaps = _gaps(sorted(ram + devices))
+        windows = sorted(windows + [(base, size, 0) for base, size in gaps])
+        self._map = _ex.ffi.new("struct ex_map *", {"w": len(windows)})
+        self._map.n = len(windows)
+        self._slot_list: list[int] = []
+        self._dev_slots: dict[tuple[int, int], int] = {}
+        self._map.slot = self._new_slot(None, None)
+        for w, (base, size, host) in zip(self._map.w, windows, strict=True):
+            w.start, w.end, w.backing = base, base + size, _ex.ffi.cast("uint8_t *", host)
+        map_addr = int(_ex.ffi.cast("uintptr_t", self._map))
+        for base, size in gaps:
+            err = uclib.uc_mmio_map(uc._uch, base, size, _GAP_READ, map_addr, _GAP_WRITE, map_addr)
             if err:
                 raise UcError(err)
-            self._raw_mem_hook(_MEM_HOOK, base, base + size - 1, window)
+        if windows:
+            self._raw_mem_hook(_MEM_HOOK, windows[0][0], windows[-1][0] + windows[-1][1] - 1, map_addr)
+        self._route()
         uc.hook_add(UC_HOOK_INSN, self._in, None, 1, 0, UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, UC_X86_INS_OUT)
         uc.hook_add(UC_HOOK_INTR, self._intr)
@@ -206,17 +225,41 @@ class EmulatedBackend:
     def close(self) -> None:
         if self._stop in self.machine.on_stop:
             self.machine.on_stop.remove(self._stop)
+        for slot in self._slot_list:
+            _reads.pop(slot, None)
+            _writes.pop(slot, None)
+            _owners.pop(slot, None)
+        self._slot_list = []
 
     # -- hooks ------------------------------------------------------------------------------
-    def _window(self, base: int, host: int) -> int:
-        """A C ``struct ex_window`` for the hooks of one span (host 0: a gap); its address."""
-        ffi = _ex.ffi
-        w = ffi.new("struct ex_window *")
-        w.backing = ffi.cast("uint8_t *", host)
-        w.base = base
-        w.owner = self._owner
-        self._windows.append(w)
-        return int(ffi.cast("uintptr_t", w))
+    def _new_slot(self, read, write) -> int:
+        slot = next(_slots)
+        _reads[slot], _writes[slot], _owners[slot] = read, write, self
+        self._slot_list.append(slot)
+        return slot
+
+    def _route(self) -> None:
+        """Point the hook at what each access reaches. With no trace recorder attached, an access
+        inside the one device of a span goes straight to that device (the bus, asked here, picks
+        the same device for it: two Python calls fewer an access, the bulk of the cost). A recorder
+        wraps the machine's accessors, so then every access goes through the machine."""
+        m = self.machine
+        _reads[self._map.slot], _writes[self._map.slot] = m.mmio_read, m.mmio_write
+        bus = [(start, start + size) for start, size, _ in m.mmio.ranges()]
+        for w in self._map.w:
+            w.dev_slot = 0
+            if m.recorder is not None or w.backing == _ex.ffi.NULL:
+                continue
+            inside = [(lo, hi) for lo, hi in bus if w.start <= lo and hi <= w.end]
+            if len(inside) != 1:
+                continue
+            lo, hi = inside[0]
+            dev = m.mmio.find(lo)[2]
+            if (lo, hi) not in self._dev_slots:
+                self._dev_slots[(lo, hi)] = self._new_slot(dev.read, dev.write)
+            slot = self._dev_slots[(lo, hi)]
+            _reads[slot], _writes[slot] = dev.read, dev.write
+            w.dev_start, w.dev_end, w.dev_slot = lo, hi, slot
 
     def _raw_mem_hook(self, callback: int, begin: int, end: int, user_data: int = 0,
                       types: int = UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE) -> None:
@@ -269,6 +312,7 @@ class EmulatedBackend:
 
     def run(self, entry: int, start_info: int, timeout: float) -> RunResult:
         m = self.machine
+        self._route()
         self._enter_pvh(entry, start_info)
         try:
             self.uc.emu_start(entry, 0xFFFFFFFFFFFFFFFF, timeout=int(timeout * 1e6) if timeout else 0)
