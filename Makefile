@@ -8,11 +8,11 @@ STAMP  := $(VENV)/.installed-stamp
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py requirements.txt vmm/walker/walker.c vmm/walker/build.py
+$(STAMP): pyproject.toml setup.py requirements.txt vmm/walker/walker.c vmm/walker/build.py vmm/backends/kvm_build.py vmm/backends/emu_build.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.txt
-	rm -f vmm/walker/_walker*.so   # the editable install compiles the walker in place; no stale copy may shadow it
+	rm -f vmm/walker/_walker*.so vmm/backends/_kvm*.so vmm/backends/_emu*.so   # the editable install compiles these in place; no stale copy may shadow them
 	$(BIN)/python -m pip install -q --no-build-isolation -e .
 	touch $@
 
@@ -36,4 +36,4 @@ lint: setup
 
 clean:
 	$(MAKE) -s -C guest_images clean
-	rm -rf build *.egg-info vmm/walker/_walker*.so vmm/walker/_walker.c .pytest_cache
+	rm -rf build *.egg-info vmm/walker/_walker*.so vmm/walker/_walker.c vmm/backends/_kvm*.so vmm/backends/_kvm.c vmm/backends/_emu*.so vmm/backends/_emu.c .pytest_cache

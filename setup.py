@@ -1,4 +1,6 @@
-"""Build glue that pyproject.toml cannot express: the cffi walker and the guest payload ELFs."""
+"""Build glue that pyproject.toml cannot express: the cffi modules (walker, KVM exit path,
+unicorn memory hooks) and the
+guest payload ELFs."""
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,4 +25,6 @@ class BuildPyWithGuests(build_py):
             shutil.copy2(elf, target / elf.name)
 
 
-setup(cffi_modules=["vmm/walker/build.py:ffibuilder"], cmdclass={"build_py": BuildPyWithGuests})
+setup(cffi_modules=["vmm/walker/build.py:ffibuilder", "vmm/backends/kvm_build.py:ffibuilder",
+                   "vmm/backends/emu_build.py:ffibuilder"],
+      cmdclass={"build_py": BuildPyWithGuests})

@@ -135,3 +135,68 @@ def test_auto_backend_says_which_it_chose():
     r = subprocess.run([sys.executable, "-m", "vmm", "run", "hello"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0
     assert "backend: kvm" in r.stderr or "backend: emulated" in r.stderr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_satisfy_the_cpu_backend_protocol(backend):
+    from vmm.backends import CpuBackend
+    from vmm.runner import choose_backend
+
+    m = Machine.from_board("rcar-virt")
+    try:
+        cpu = choose_backend(backend)(m)
+        try:
+            assert isinstance(cpu, CpuBackend)
+            assert cpu.name == backend
+            assert "RIP=" in cpu.describe_cpu()
+            assert cpu.dirty_pages() == []        # not recording: nothing tracked
+        finally:
+            cpu.close()
+    finally:
+        m.close()
+
+
+def test_emulated_choice_does_not_import_kvm_and_kvm_choice_does_not_import_unicorn():
+    code = "import sys; from vmm.runner import choose_backend; choose_backend({!r}); print({!r} in sys.modules)"
+    for chosen, absent in (("emulated", "vmm.backends.kvm"), ("kvm", "unicorn"), ("kvm", "vmm.backends.emulated")):
+        out = subprocess.run([sys.executable, "-c", code.format(chosen, absent)],
+                             capture_output=True, text=True, check=True).stdout
+        assert out.strip() == "False", (chosen, absent, out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_accesses_past_a_small_device_are_unclaimed_and_reads_are_masked(backend):
+    """A 12-byte device: the 8-byte accesses at +8 and +0x10 cross its end, so the bus leaves them
+    unclaimed (reads 0, writes dropped); values a device returns wider than the access are cut."""
+    m = Machine.from_board("rcar-virt")
+    dev = RecordingDevice(reads={0x0: 0x1FF, 0x2: -1, 0x4: (1 << 70) | 0x12345678})
+    m.mmio.add(TESTDEV, 0xC, dev, "small")
+    try:
+        r = m.run("mmio_widths", backend=backend)
+    finally:
+        m.close()
+    assert r.status == 0
+    assert [e[:3] for e in dev.log] == [("w", 0x0, 1), ("w", 0x2, 2), ("w", 0x4, 4),
+                                        ("r", 0x0, 1), ("r", 0x2, 2), ("r", 0x4, 4)]
+    text = r.console.decode()
+    for line in ("r8=0xff", "r16=0xffff", "r32=0x12345678", "r64=0x0000000000000000", "r64b=0x0000000000000000"):
+        assert line in text, text
+
+
+class Exploding:
+    def read(self, offset: int, size: int) -> int:
+        raise RuntimeError(f"device bug at +{offset:#x}")
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        pass
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_device_exception_reaches_the_caller(backend):
+    m = Machine.from_board("rcar-virt")
+    m.mmio.add(TESTDEV, 0x1000, Exploding(), "exploding")
+    try:
+        with pytest.raises(RuntimeError, match="device bug at"):
+            m.run("mmio_widths", backend=backend)
+    finally:
+        m.close()

@@ -3,23 +3,25 @@ from __future__ import annotations
 
 import logging
 
-from vmm.backends import BackendUnavailable, RunResult
+from vmm.backends import BackendUnavailable, CpuBackend, RunResult
 from vmm.elfload import load_image, place
 from vmm.images import find_image
 
 log = logging.getLogger("vmm")
 
 
-def choose_backend(name: str):
+def choose_backend(name: str) -> type[CpuBackend]:
+    """The backend class for ``name`` (auto, kvm, emulated). Each backend module is imported only
+    when it is chosen: unicorn costs start-up time a KVM run does not need, and the reverse."""
+    if name == "emulated":
+        from vmm.backends.emulated import EmulatedBackend
+        return EmulatedBackend
+    if name not in ("kvm", "auto"):
+        raise ValueError(f"unknown backend {name!r} (auto, kvm, emulated)")
     from vmm.backends.kvm import KvmBackend, kvm_usable
 
     if name == "kvm":
         return KvmBackend
-    if name == "emulated":
-        from vmm.backends.emulated import EmulatedBackend
-        return EmulatedBackend
-    if name != "auto":
-        raise ValueError(f"unknown backend {name!r} (auto, kvm, emulated)")
     ok, why = kvm_usable()
     if ok:
         log.info("backend: kvm (/dev/kvm is usable)")
@@ -39,7 +41,7 @@ def run_image(machine, image: str | None, backend: str = "auto", timeout: float 
     observers = list(machine.observers)
     track = any(o.needs_dirty_pages for o in observers)
     try:
-        cpu = cls(machine, track_dirty=True) if track else cls(machine)
+        cpu: CpuBackend = cls(machine, track_dirty=True) if track else cls(machine)
     except BackendUnavailable as e:
         raise BackendUnavailable(f"backend {cls.name} unavailable: {e}") from None
     for o in observers:

@@ -3,6 +3,7 @@ buses with the same widths, so a device cannot tell which CPU drove it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 EXIT_TIMEOUT = 124      # the guest ran past --timeout
 EXIT_HALTED = 125       # the guest halted without writing the debug-exit port
@@ -20,3 +21,52 @@ class RunResult:
 
 class BackendUnavailable(Exception):
     pass
+
+
+@runtime_checkable
+class CpuBackend(Protocol):
+    """What the runner and the trace recorder need of a CPU: both backends satisfy it.
+
+    A backend is built as ``cls(machine, track_dirty=False)`` (``track_dirty`` only while a trace is
+    recorded), runs one payload and is closed; ``dirty_pages`` returns the guest-physical pages the
+    CPU wrote since the previous call (recording only).
+    """
+
+    name: str
+
+    def run(self, entry: int, start_info: int, timeout: float) -> RunResult: ...
+
+    def close(self) -> None: ...
+
+    def dirty_pages(self) -> list[int]: ...
+
+    def describe_cpu(self) -> str: ...
+
+
+def load_compiled(stem: str):
+    """Import the cffi module ``vmm.backends.<stem>`` (``_kvm``, ``_emu``), compiling it in place
+    once from ``vmm/backends/<stem without _>_build.py`` in a source checkout that lacks it, as the
+    walker does. Raises ImportError saying why when it can be neither imported nor built."""
+    import importlib
+
+    name = f"vmm.backends.{stem}"
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        pass
+    import fcntl
+    import os
+    import tempfile
+
+    try:
+        with open(os.path.join(tempfile.gettempdir(), f"iommu-lab-{stem}-build.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                return importlib.import_module(name)
+            except ImportError:
+                pass
+            importlib.import_module(f"vmm.backends.{stem.lstrip('_')}_build").compile_in_place()
+            importlib.invalidate_caches()
+            return importlib.import_module(name)
+    except Exception as e:      # noqa: BLE001 - no compiler, read-only tree, ...: say so
+        raise ImportError(f"{name} is not built and cannot be built here ({e}); run `make setup`") from None

@@ -4,15 +4,20 @@ Unicorn splits an 8-byte MMIO access into two 4-byte callbacks while KVM deliver
 exit, but its memory hook sees every access whole, before it happens. So the pages of bus
 devices are backed by host memory of our own: the memory hook performs the access on the bus
 with its real width and, for a read, drops the value into the backing page, from which the
-guest's load then reads it. One Python callback per access, and devices see the same accesses
-on both backends. The rest of the physical space (40 bits) is ``mmio_map``-ed (unclaimed accesses:
+guest's load then reads it. One Python call per access, and devices see the same accesses on
+both backends. The rest of the physical space (40 bits) is ``mmio_map``-ed (unclaimed accesses:
 reads 0), where the hook does the access and the split callbacks only hand back the halves.
+
+The hooks unicorn calls are C (vmm/backends/emu_build.py): a ctypes or binding callback spends
+more converting its six arguments than the bus and a device spend on the access.
 """
 from __future__ import annotations
 
 import ctypes
+import itertools
 import mmap
 import struct
+from collections.abc import Callable
 
 from unicorn import (
     UC_ARCH_X86,
@@ -20,7 +25,6 @@ from unicorn import (
     UC_HOOK_INTR,
     UC_HOOK_MEM_READ,
     UC_HOOK_MEM_WRITE,
-    UC_MEM_WRITE,
     UC_MODE_32,
     UC_PROT_ALL,
     UC_PROT_READ,
@@ -50,13 +54,43 @@ from unicorn.x86_const import (
     UC_X86_REG_SS,
 )
 
-from vmm.backends import EXIT_CRASHED, EXIT_HALTED, EXIT_TIMEOUT, RunResult
+from vmm.backends import EXIT_CRASHED, EXIT_HALTED, EXIT_TIMEOUT, RunResult, load_compiled
 from vmm.memory import PAGE
 
-_PACK = {n: struct.Struct(f).pack_into for n, f in ((1, "<B"), (2, "<H"), (4, "<I"), (8, "<Q"))}
+_ex = load_compiled("_emu")
+_MEM_HOOK, _GAP_READ, _GAP_WRITE = (int(_ex.ffi.cast("uintptr_t", _ex.ffi.addressof(_ex.lib, f)))
+                                     for f in ("ex_mem_hook", "ex_gap_read", "ex_gap_write"))
+
+
 BOOT_GDT = 0x5000        # below hvm_start_info; the payload loads its own GDT at once
 PHYS_LIMIT = 1 << 40        # unclaimed accesses anywhere below read 0, as on KVM
 ADDR_MASK = 0x000FFFFFFFFFF000     # physical address bits of a page-table entry
+_U64 = (1 << 64) - 1
+# What the C hook calls, by slot: a machine's mmio_read/mmio_write, or one device's read/write.
+_reads: dict[int, Callable[[int, int], int]] = {}
+_writes: dict[int, Callable[[int, int, int], None]] = {}
+_owners: dict[int, EmulatedBackend] = {}
+_slots = itertools.count(1)
+
+
+@_ex.ffi.def_extern()
+def ex_read(slot: int, addr: int, size: int) -> int:
+    """A read from the C memory hook (an address, or an offset into one device); C masks it to
+    ``size`` and hands it to the guest."""
+    try:
+        return _reads[slot](addr, size) & _U64
+    except BaseException as e:        # noqa: BLE001 - re-raised once emu_start returns
+        _owners[slot]._fail(e)
+        return 0
+
+
+@_ex.ffi.def_extern()
+def ex_write(slot: int, addr: int, size: int, value: int) -> None:
+    """A write from the C memory hook (the value already masked to ``size``)."""
+    try:
+        _writes[slot](addr, size, value)
+    except BaseException as e:        # noqa: BLE001 - re-raised once emu_start returns
+        _owners[slot]._fail(e)
 
 
 def _page_cover(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -94,22 +128,36 @@ class EmulatedBackend:
         ram = [(r.gpa, r.size) for r in machine.dom0.ram.ranges]
         for r in machine.dom0.ram.ranges:
             uc.mem_map_ptr(r.gpa, r.size, UC_PROT_ALL, r.host)
-        self._pending = 0           # value of the access the memory hook already performed
         self.exception: int | None = None
         self._hook_error: BaseException | None = None
-        self._cfuncs: list = []     # keep the ctypes trampolines alive
+        self._cfuncs: list = []     # keep the ctypes trampolines alive (dirty tracking)
         devices = [s for s in _page_cover([(start, size) for start, size, _ in machine.mmio.ranges()])
                    if s[0] + s[1] <= PHYS_LIMIT and not any(r[0] < s[0] + s[1] and s[0] < r[0] + r[1] for r in ram)]
         self._backing = []
+        windows = []                # (start, size, host address of the backing or 0 for a gap)
         for base, size in devices:
             backing = mmap.mmap(-1, size)
             self._backing.append(backing)
-            uc.mem_map_ptr(base, size, UC_PROT_READ | UC_PROT_WRITE,
-                           ctypes.addressof(ctypes.c_char.from_buffer(backing)))
-            self._raw_mem_hook(self._backed_hook(base, memoryview(backing)), base, base + size - 1)
-        for base, size in _gaps(sorted(ram + devices)):
-            uc.mmio_map(base, size, self._mmio_read_half, None, self._mmio_write_half, None)
-            self._raw_mem_hook(self._gap_hook, base, base + size - 1)
+            host = ctypes.addressof(ctypes.c_char.from_buffer(backing))
+            uc.mem_map_ptr(base, size, UC_PROT_READ | UC_PROT_WRITE, host)
+            windows.append((base, size, host))
+        gaps = _gaps(sorted(ram + devices))
+        windows = sorted(windows + [(base, size, 0) for base, size in gaps])
+        self._map = _ex.ffi.new("struct ex_map *", {"w": len(windows)})
+        self._map.n = len(windows)
+        self._slot_list: list[int] = []
+        self._dev_slots: dict[tuple[int, int], int] = {}
+        self._map.slot = self._new_slot(None, None)
+        for w, (base, size, host) in zip(self._map.w, windows, strict=True):
+            w.start, w.end, w.backing = base, base + size, _ex.ffi.cast("uint8_t *", host)
+        map_addr = int(_ex.ffi.cast("uintptr_t", self._map))
+        for base, size in gaps:
+            err = uclib.uc_mmio_map(uc._uch, base, size, _GAP_READ, map_addr, _GAP_WRITE, map_addr)
+            if err:
+                raise UcError(err)
+        if windows:
+            self._raw_mem_hook(_MEM_HOOK, windows[0][0], windows[-1][0] + windows[-1][1] - 1, map_addr)
+        self._route()
         uc.hook_add(UC_HOOK_INSN, self._in, None, 1, 0, UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, UC_X86_INS_OUT)
         uc.hook_add(UC_HOOK_INTR, self._intr)
@@ -144,8 +192,11 @@ class EmulatedBackend:
             if (addr & 0xFFF) + size > PAGE:
                 mark((addr + size - 1) >> 12)
 
+        cfunc = HOOK_MEM_ACCESS_CFUNC(hook)
+        self._cfuncs.append(cfunc)
         for r in ranges:
-            self._raw_mem_hook(hook, r.gpa, r.gpa + r.size - 1, UC_HOOK_MEM_WRITE)
+            self._raw_mem_hook(ctypes.cast(cfunc, ctypes.c_void_p).value, r.gpa, r.gpa + r.size - 1,
+                               types=UC_HOOK_MEM_WRITE)
 
     def _table_pages(self) -> set[int]:
         uc = self.uc
@@ -174,60 +225,57 @@ class EmulatedBackend:
     def close(self) -> None:
         if self._stop in self.machine.on_stop:
             self.machine.on_stop.remove(self._stop)
+        for slot in self._slot_list:
+            _reads.pop(slot, None)
+            _writes.pop(slot, None)
+            _owners.pop(slot, None)
+        self._slot_list = []
 
     # -- hooks ------------------------------------------------------------------------------
-    def _raw_mem_hook(self, trampoline, begin: int, end: int,
+    def _new_slot(self, read, write) -> int:
+        slot = next(_slots)
+        _reads[slot], _writes[slot], _owners[slot] = read, write, self
+        self._slot_list.append(slot)
+        return slot
+
+    def _route(self) -> None:
+        """Point the hook at what each access reaches. With no trace recorder attached, an access
+        inside the one device of a span goes straight to that device (the bus, asked here, picks
+        the same device for it: two Python calls fewer an access, the bulk of the cost). While the
+        machine has access observers (a trace recorder), every access goes through the machine."""
+        m = self.machine
+        _reads[self._map.slot], _writes[self._map.slot] = m.mmio_read, m.mmio_write
+        bus = [(start, start + size) for start, size, _ in m.mmio.ranges()]
+        for w in self._map.w:
+            w.dev_slot = 0
+            if m.observers or w.backing == _ex.ffi.NULL:
+                continue
+            inside = [(lo, hi) for lo, hi in bus if w.start <= lo and hi <= w.end]
+            if len(inside) != 1:
+                continue
+            lo, hi = inside[0]
+            dev = m.mmio.find(lo)[2]
+            if (lo, hi) not in self._dev_slots:
+                self._dev_slots[(lo, hi)] = self._new_slot(dev.read, dev.write)
+            slot = self._dev_slots[(lo, hi)]
+            _reads[slot], _writes[slot] = dev.read, dev.write
+            w.dev_start, w.dev_end, w.dev_slot = lo, hi, slot
+
+    def _raw_mem_hook(self, callback: int, begin: int, end: int, user_data: int = 0,
                       types: int = UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE) -> None:
-        """A memory hook registered through unicorn's C API: the Python binding's wrapper layers
-        double the cost of every MMIO access. Trampolines keep exceptions (``_fail``) and they are
-        re-raised after the run, as the binding does, instead of being lost inside ctypes."""
-        cfunc = HOOK_MEM_ACCESS_CFUNC(trampoline)
+        """A memory hook registered through unicorn's C API with a C function address: the Python
+        binding's wrapper layers double the cost of every MMIO access. Python code the hooks reach
+        keeps its exceptions (``_fail``) and they are re-raised after the run, as the binding does."""
         handle = ctypes.c_size_t()
-        err = uclib.uc_hook_add(self.uc._uch, ctypes.byref(handle), types,
-                                ctypes.cast(cfunc, ctypes.c_void_p), None, ctypes.c_uint64(begin), ctypes.c_uint64(end))
+        err = uclib.uc_hook_add(self.uc._uch, ctypes.byref(handle), types, int(callback), user_data or None,
+                                ctypes.c_uint64(begin), ctypes.c_uint64(end))
         if err:
             raise UcError(err)
-        self._cfuncs.append(cfunc)
 
     def _fail(self, e: BaseException) -> None:
         if self._hook_error is None:
             self._hook_error = e
         self.uc.emu_stop()
-
-    def _backed_hook(self, base: int, view: memoryview):
-        m = self.machine
-
-        def trampoline(uch, access, addr, size, value, ud):
-            try:
-                if access == UC_MEM_WRITE:
-                    m.mmio_write(addr, size, value)     # the bus masks to the access width
-                else:
-                    _PACK[size](view, addr - base, m.mmio_read(addr, size))
-            except BaseException as e:        # noqa: BLE001 - re-raised once emu_start returns
-                self._fail(e)
-        return trampoline
-
-    def _gap_hook(self, uch, access, addr, size, value, ud):
-        try:
-            self._mem_hook(access, addr, size, value)
-        except BaseException as e:            # noqa: BLE001 - re-raised once emu_start returns
-            self._fail(e)
-
-    def _mem_hook(self, access, addr, size, value):
-        if access == UC_MEM_WRITE:
-            self.machine.mmio_write(addr, size, value)
-        else:
-            self._pending = self.machine.mmio_read(addr, size)
-
-    def _mmio_read_half(self, uc, offset, size, ud):
-        # The memory hook performed the whole access; hand back the bytes this callback covers,
-        # low half first, as unicorn asks for them.
-        value = self._pending
-        self._pending >>= 8 * size
-        return value & ((1 << (8 * size)) - 1)
-
-    def _mmio_write_half(self, uc, offset, size, value, ud):
-        pass
 
     def _in(self, uc, port, size, ud):
         return self.machine.pio_read(port, size)
@@ -264,6 +312,7 @@ class EmulatedBackend:
 
     def run(self, entry: int, start_info: int, timeout: float) -> RunResult:
         m = self.machine
+        self._route()
         self._enter_pvh(entry, start_info)
         try:
             self.uc.emu_start(entry, 0xFFFFFFFFFFFFFFFF, timeout=int(timeout * 1e6) if timeout else 0)

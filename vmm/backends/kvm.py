@@ -1,4 +1,7 @@
-"""The KVM backend: ioctls through ctypes, one vCPU, no in-kernel irqchip.
+"""The KVM backend: one vCPU, no in-kernel irqchip; set-up ioctls through ctypes, the exit path in C.
+
+``KVM_RUN`` and the exit decoding are a small cffi module (vmm/backends/kvm_build.py): per exit
+the Python loop makes one C call and reads the decoded access through one memoryview.
 
 No irqchip means HLT comes back to us as an exit, so a halted guest ends the run instead of
 blocking forever. The guest enters in 32-bit protected mode at its PVH entry with paging off
@@ -8,14 +11,13 @@ mode triple-faults (facts/vmm.md section 1.4).
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import mmap
 import os
 import signal
 import struct
 import threading
 
-from vmm.backends import EXIT_CRASHED, EXIT_HALTED, EXIT_TIMEOUT, BackendUnavailable, RunResult
+from vmm.backends import EXIT_CRASHED, EXIT_HALTED, EXIT_TIMEOUT, BackendUnavailable, RunResult, load_compiled
 from vmm.memory import PAGE
 
 KVM_GET_API_VERSION = 0xAE00
@@ -42,6 +44,19 @@ EXIT_IO, EXIT_HLT, EXIT_MMIO, EXIT_SHUTDOWN, EXIT_FAIL_ENTRY = 2, 5, 6, 8, 9
 EXIT_INTR, EXIT_INTERNAL_ERROR, EXIT_SYSTEM_EVENT = 10, 17, 24
 TSS_ADDR = 0xFFFBD000
 IDENTITY_MAP_ADDR = 0xFFFBC000
+
+KICK_SIGNAL = signal.SIGRTMIN + 2     # interrupts KVM_RUN for a timeout; a no-op handler is installed for it
+
+
+_kx_error = ""
+try:
+    _kx = load_compiled("_kvm")
+except ImportError as e:        # kvm_usable() reports it; auto then picks the emulated backend
+    _kx, _kx_error = None, str(e)
+if _kx is not None:
+    KX_MMIO_READ, KX_MMIO_WRITE = _kx.lib.KX_MMIO_READ, _kx.lib.KX_MMIO_WRITE
+    KX_PIO_IN, KX_PIO_OUT = _kx.lib.KX_PIO_IN, _kx.lib.KX_PIO_OUT
+    KX_INTR, KX_BAD_IO, KX_OTHER = _kx.lib.KX_INTR, _kx.lib.KX_BAD_IO, _kx.lib.KX_OTHER
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
@@ -120,6 +135,8 @@ _usable: tuple[bool, str] | None = None
 def kvm_usable() -> tuple[bool, str]:
     """Whether /dev/kvm opens and can create a VM with a vCPU (cached), and why not."""
     global _usable
+    if _usable is None and _kx is None:
+        _usable = (False, _kx_error)
     if _usable is None:
         try:
             fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
@@ -145,10 +162,6 @@ def kvm_usable() -> tuple[bool, str]:
 def _flat32(selector: int, code: bool) -> KvmSegment:
     return KvmSegment(base=0, limit=0xFFFFFFFF, selector=selector, type=11 if code else 3, present=1,
                       dpl=0, db=1, s=1, l=0, g=1, avl=0, unusable=0)
-
-
-class _Timeout(Exception):
-    pass
 
 
 class KvmBackend:
@@ -180,6 +193,15 @@ class KvmBackend:
         self.vcpu = self._keep(_ioctl(self.vm, KVM_CREATE_VCPU, 0))
         size = _ioctl(self.kvm, KVM_GET_VCPU_MMAP_SIZE)
         self.run_map = mmap.mmap(self.vcpu, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        ffi = _kx.ffi
+        self._run_ptr = ffi.from_buffer(self.run_map)
+        self._exit = ffi.new("struct kx_exit *")
+        if _kx.lib.kx_init(self._exit, self.vcpu, self._run_ptr, size) < 0:
+            raise BackendUnavailable(f"KVM run page of {size} bytes is smaller than struct kvm_run")
+        self._view = memoryview(ffi.buffer(self._exit, 24)).cast("Q")   # addr, size, value
+        self._timed_out = False
+        if _kx.lib.kx_install_kick_handler(KICK_SIGNAL) < 0:
+            raise BackendUnavailable("cannot install the vCPU kick signal handler")
         cpuid = KvmCpuid2(nent=256)
         _ioctl(self.kvm, KVM_GET_SUPPORTED_CPUID, cpuid)
         _ioctl(self.vcpu, KVM_SET_CPUID2, cpuid)
@@ -214,6 +236,10 @@ class KvmBackend:
         return fd
 
     def close(self) -> None:
+        if self.run_map.closed:
+            return
+        self._view.release()
+        _kx.ffi.release(self._run_ptr)
         self.run_map.close()
         for fd in reversed(self.fds):
             os.close(fd)
@@ -248,55 +274,70 @@ class KvmBackend:
                 f"CR3={s.cr3:#x} CR4={s.cr4:#x} EFER={s.efer:#x}")
 
     def run(self, entry: int, start_info: int, timeout: float) -> RunResult:
+        """Run the guest until it stops or ``timeout`` seconds pass (0: no limit).
+
+        The timeout is a timer thread that kicks the vCPU the way VMMs do: it sets the run page's
+        ``immediate_exit`` and signals the thread in ``KVM_RUN``, so it works from any thread
+        (SIGALRM reaches only the main one) and leaves the process's signal handlers alone.
+        """
         self._enter_pvh(entry, start_info)
-        in_main = threading.current_thread() is threading.main_thread()
-        if in_main and timeout:
-            def _alarm(signum, frame):
-                raise _Timeout()
-            old = signal.signal(signal.SIGALRM, _alarm)
-            signal.setitimer(signal.ITIMER_REAL, timeout)
+        exit_ = self._exit
+        _kx.lib.kx_clear_kick(exit_)
+        self._timed_out = False
+        timer = None
+        if timeout:
+            timer = threading.Timer(timeout, self._kick, (threading.get_ident(),))
+            timer.daemon = True
+            timer.start()
         try:
-            return self._loop()
-        except _Timeout:
+            result = self._loop()
+        finally:
+            if timer is not None:
+                timer.cancel()
+                timer.join()
+        if result is None:
             return RunResult(EXIT_TIMEOUT, "timeout", self.name,
                              f"guest still running after {timeout:g} s; stopped ({self.describe_cpu()})")
-        finally:
-            if in_main and timeout:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-                signal.signal(signal.SIGALRM, old)
+        return result
 
-    def _loop(self) -> RunResult:
+    def _kick(self, thread_id: int) -> None:
+        """Timer thread: stop the vCPU thread's KVM_RUN now, or its next one."""
+        self._timed_out = True
+        _kx.lib.kx_kick(self._exit)
+        signal.pthread_kill(thread_id, KICK_SIGNAL)
+
+    def _loop(self) -> RunResult | None:
+        """The VMM loop: one C call per exit (enter the guest, decode the exit), then the bus.
+
+        ``x`` views the decoded exit: x[0] address or port, x[1] width, x[2] value (written for
+        writes; for reads the reply goes there and the next ``kx_run`` hands it to the guest).
+        Returns None when the timeout kicked the vCPU.
+        """
         m = self.machine
-        run = self.run_map
-        ioctl = fcntl.ioctl
-        fd = self.vcpu
-        reason_of = struct.Struct("<I").unpack_from
-        io_of = struct.Struct("<BBHIQ").unpack_from
-        mmio_of = struct.Struct("<Q8sIB").unpack_from
-        mmio_read, mmio_write = m.mmio_read, m.mmio_write
-        pio_read, pio_write = m.pio_read, m.pio_write
-        from_bytes = int.from_bytes
+        x = self._view
+        kx_run = _kx.lib.kx_run
+        exit_ = self._exit
+        mmio_read, mmio_write, pio_read, pio_write = m.mmio_read, m.mmio_write, m.pio_read, m.pio_write
         while m.stop_status is None:
-            ioctl(fd, KVM_RUN, 0)
-            reason = reason_of(run, 8)[0]
-            if reason == EXIT_MMIO:
-                addr, data, length, is_write = mmio_of(run, 32)
-                if is_write:
-                    mmio_write(addr, length, from_bytes(data[:length], "little"))
-                else:
-                    run[40:40 + length] = mmio_read(addr, length).to_bytes(length, "little")
-            elif reason == EXIT_IO:
-                direction, size, port, count, off = io_of(run, 32)
-                for i in range(count):
-                    at = off + i * size
-                    if direction:
-                        pio_write(port, size, from_bytes(run[at:at + size], "little"))
-                    else:
-                        run[at:at + size] = pio_read(port, size).to_bytes(size, "little")
-            elif reason == EXIT_INTR:
-                continue
+            kind = kx_run(exit_)
+            if kind == KX_MMIO_READ:
+                x[2] = mmio_read(x[0], x[1])
+            elif kind == KX_MMIO_WRITE:
+                mmio_write(x[0], x[1], x[2])
+            elif kind == KX_PIO_OUT:
+                pio_write(x[0], x[1], x[2])
+            elif kind == KX_PIO_IN:
+                x[2] = pio_read(x[0], x[1])
+            elif kind == KX_INTR:
+                if self._timed_out:
+                    return None
+            elif kind < 0:
+                raise OSError(-kind, f"KVM_RUN: {os.strerror(-kind)}")
+            elif kind == KX_BAD_IO:
+                return RunResult(EXIT_CRASHED, "error", self.name,
+                                 f"KVM I/O exit with its data outside the run page ({self.describe_cpu()})")
             else:
-                return self._stopped(reason)
+                return self._stopped(kind - KX_OTHER)
         return RunResult(m.stop_status, "exit", self.name)
 
     def _stopped(self, reason: int) -> RunResult:

@@ -62,6 +62,10 @@ struct stg {
     uint32_t stride;     /* index bits per level: g - 3 */
     uint32_t bad;        /* inconsistent ia_bits/start level/concatenation: every access faults */
     uint32_t ttbr_bad;   /* TTBR >= 2^oa_bits */
+    uint32_t ns_check, aptable;   /* stage-1 format checks in force */
+    uint64_t next_mask;  /* table descriptor -> next table address (bits 47:g) */
+    uint64_t next_bad;   /* table descriptor bits that put the next table beyond oa_bits */
+    uint64_t idx_mask;   /* (1 << stride) - 1 */
 };
 
 struct ctx {
@@ -95,6 +99,7 @@ struct tlbe {
 struct wk_walker {
     const uint8_t *mem;
     uint64_t size;
+    uint64_t last;       /* size - 8: the highest address a descriptor fetch may read */
     struct tlbe *tlb;
     uint64_t mask;
     int tlb_on;
@@ -154,6 +159,11 @@ static void stage_setup(struct stg *s, const struct wk_stage *in, int is_stage2)
     if (in->ttbr >> s->oa_bits)
         s->ttbr_bad = 1;
     s->root = in->ttbr & ~((8ull << root_bits) - 1ull);
+    s->ns_check = !(s->flags & WK_F_S2) && (s->flags & WK_F_NS_CHECK);
+    s->aptable = !(s->flags & WK_F_S2) && (s->flags & WK_F_APTABLE);
+    s->next_mask = ADDR_47 & ~((1ull << s->g) - 1ull);
+    s->next_bad = s->next_mask & ~((1ull << s->oa_bits) - 1ull);
+    s->idx_mask = (1ull << s->stride) - 1ull;
 }
 
 static inline uint64_t load64(const struct wk_walker *w, uint64_t a)
@@ -163,91 +173,151 @@ static inline uint64_t load64(const struct wk_walker *w, uint64_t a)
     return v;
 }
 
-/*
- * Walk one stage. `s2` is non-NULL for the stage 1 of a nested context: each descriptor
- * address is then an IPA translated (for a read) by a full stage-2 walk first.
- * Returns 0 or a fault word; r->faddr is the address to report with the fault.
- */
-static uint32_t walk_stage(const struct wk_walker *w, const struct stg *s, uint32_t stage, uint64_t ia,
-                           uint32_t acc, const struct stg *s2, struct wres *r)
-{
-    uint64_t table, idx, d, a;
-    uint32_t lvl, sh, wp = 1;
-    const uint32_t s2fmt = s->flags & WK_F_S2;
-    const uint32_t ns_check = !s2fmt && (s->flags & WK_F_NS_CHECK);
-    const uint32_t aptable = !s2fmt && (s->flags & WK_F_APTABLE);
+/* Where a walk is: the table being read, its level, the level's input shift and index, APTable. */
+struct wpos {
+    uint64_t table, idx;
+    uint32_t lvl, sh, wp;
+};
 
-    r->faddr = ia;
-    r->tlo = ~0ull;
-    r->thi = 0;
+#define STEP_TABLE 0u            /* step(): a table descriptor, the walk goes on */
+#define STEP_LEAF 0xFFFFFFFFu    /* step(): a valid leaf, r->out/perm/shift filled */
+
+static inline __attribute__((always_inline)) uint32_t walk_start(const struct stg *s, uint32_t stage, uint64_t ia,
+                                                                 struct wpos *p)
+{
     if (s->bad || (ia >> s->ia_bits))
         return FW(K_TRANSLATION, stage, 0);
     if (s->ttbr_bad)
         return FW(K_ADDRESS_SIZE, stage, 0);
+    p->lvl = s->sl;
+    p->sh = lvl_shift(s->g, p->lvl);
+    p->table = s->root;
+    p->idx = ia >> p->sh;                 /* the root index takes every remaining IA bit */
+    p->wp = 1;
+    return 0;
+}
 
-    lvl = s->sl;
-    sh = lvl_shift(s->g, lvl);
-    table = s->root;
-    idx = ia >> sh;                       /* the root index takes every remaining IA bit */
-    for (;;) {
-        a = table + (idx << 3);
-        if (s2) {
-            struct wres r2;
-            if (a < r->tlo)
-                r->tlo = a;
-            if (a > r->thi)
-                r->thi = a;
-            uint32_t f = walk_stage(w, s2, 2, a, ACC_R, NULL, &r2);
-            if (f) {
-                r->faddr = a;
-                return f | FW_S1PTW;
-            }
-            a = r2.out;
-        }
-        if (a > w->size - 8u)
-            return FW(K_WALK_ABORT, stage, lvl);
-        d = load64(w, a);
-        if (!(d & 1u))
-            return FW(K_TRANSLATION, stage, lvl);
-        if (lvl < 3 && (d & 2u)) {
-            /* table descriptor */
-            uint64_t next = d & ADDR_47 & ~((1ull << s->g) - 1ull);
-            if (next >> s->oa_bits)
-                return FW(K_ADDRESS_SIZE, stage, lvl);
-            if (ns_check && !(d >> 63))
-                return FW(K_NS, stage, lvl);
-            if (aptable && ((d >> 62) & 1u))
-                wp = 0;
-            table = next;
-            lvl++;
-            sh -= s->stride;
-            idx = (ia >> sh) & ((1ull << s->stride) - 1ull);
-            continue;
-        }
-        /* leaf: page (L3, 0b11) or block (L<3, 0b01) */
-        if (lvl == 3 ? !(d & 2u) : !block_allowed(s->g, lvl))
-            return FW(K_TRANSLATION, stage, lvl);
-        {
-            uint64_t oa = d & ADDR_47 & ~((1ull << sh) - 1ull);
-            uint32_t perm;
-            if (oa >> s->oa_bits)
-                return FW(K_ADDRESS_SIZE, stage, lvl);
-            if (ns_check && !((d >> 5) & 1u))
-                return FW(K_NS, stage, lvl);
-            if ((s->flags & WK_F_CHECK_AF) && !((d >> 10) & 1u))
-                return FW(K_ACCESS_FLAG, stage, lvl);
-            if (s2fmt)
-                perm = (uint32_t)(d >> 6) & 3u;                 /* S2AP: bit6 read, bit7 write */
-            else
-                perm = ACC_R | ((!((d >> 7) & 1u) && wp) ? ACC_W : 0u);   /* AP[2]=0: writable */
-            if ((perm & acc) != acc)
-                return FW(K_PERMISSION, stage, lvl);
-            r->out = oa | (ia & ((1ull << sh) - 1ull));
-            r->perm = perm;
-            r->shift = sh;
-            return 0;
-        }
+/*
+ * The checks of one fetched descriptor `d` (docs/facts/pgtable.md section 3, in order): a table
+ * moves `p` one level down (STEP_TABLE); a leaf fills r (STEP_LEAF); anything else is a fault word.
+ */
+static inline __attribute__((always_inline)) uint32_t step(const struct stg *s, uint32_t stage, uint64_t ia,
+                                                           uint32_t acc, uint64_t d, struct wpos *p, struct wres *r)
+{
+    const uint32_t lvl = p->lvl, sh = p->sh;
+
+    if (!(d & 1u))
+        return FW(K_TRANSLATION, stage, lvl);
+    if (lvl < 3 && (d & 2u)) {
+        /* table descriptor: one mask finds an output address beyond oa_bits (precomputed) */
+        if (d & s->next_bad)
+            return FW(K_ADDRESS_SIZE, stage, lvl);
+        if (s->ns_check && !(d >> 63))
+            return FW(K_NS, stage, lvl);
+        if (s->aptable && ((d >> 62) & 1u))
+            p->wp = 0;
+        p->table = d & s->next_mask;
+        p->lvl = lvl + 1;
+        p->sh = sh - s->stride;
+        p->idx = (ia >> p->sh) & s->idx_mask;
+        return STEP_TABLE;
     }
+    /* leaf: page (L3, 0b11) or block (L<3, 0b01) */
+    if (lvl == 3 ? !(d & 2u) : !block_allowed(s->g, lvl))
+        return FW(K_TRANSLATION, stage, lvl);
+    {
+        uint64_t oa = d & ADDR_47 & ~((1ull << sh) - 1ull);
+        uint32_t perm;
+        if (oa >> s->oa_bits)
+            return FW(K_ADDRESS_SIZE, stage, lvl);
+        if (s->ns_check && !((d >> 5) & 1u))
+            return FW(K_NS, stage, lvl);
+        if ((s->flags & WK_F_CHECK_AF) && !((d >> 10) & 1u))
+            return FW(K_ACCESS_FLAG, stage, lvl);
+        if (s->flags & WK_F_S2)
+            perm = (uint32_t)(d >> 6) & 3u;                     /* S2AP: bit6 read, bit7 write */
+        else
+            perm = ACC_R | ((!((d >> 7) & 1u) && p->wp) ? ACC_W : 0u);   /* AP[2]=0: writable */
+        if ((perm & acc) != acc)
+            return FW(K_PERMISSION, stage, lvl);
+        r->out = oa | (ia & ((1ull << sh) - 1ull));
+        r->perm = perm;
+        r->shift = sh;
+        return STEP_LEAF;
+    }
+}
+
+/*
+ * Walk one stage whose descriptors are machine addresses (stage 2, or a stage 1 without stage
+ * 2). Returns 0 or a fault word; on a fault the address to report is `ia`. Inlined into the
+ * nested walk, where it runs once per stage-1 level: the hot loop of a nested miss.
+ */
+static inline __attribute__((always_inline)) uint32_t walk_flat(const struct wk_walker *w, const struct stg *s,
+                                                                uint32_t stage, uint64_t ia, uint32_t acc,
+                                                                struct wres *r)
+{
+    struct wpos p;
+    uint32_t f = walk_start(s, stage, ia, &p);
+
+    if (f)
+        return f;
+    for (;;) {
+        const uint64_t a = p.table + (p.idx << 3);
+        if (a > w->last)
+            return FW(K_WALK_ABORT, stage, p.lvl);
+        f = step(s, stage, ia, acc, load64(w, a), &p, r);
+        if (f != STEP_TABLE)
+            return f == STEP_LEAF ? 0 : f;
+    }
+}
+
+/*
+ * The stage 1 of a nested context: each descriptor address is an IPA, translated (for a read)
+ * by a full stage-2 walk first. Returns 0 or a fault word with r->faddr the address to report;
+ * r->tlo/thi get the lowest/highest descriptor IPA fetched.
+ */
+static uint32_t walk_nested(const struct wk_walker *w, const struct stg *s, const struct stg *s2, uint64_t ia,
+                            uint32_t acc, struct wres *r)
+{
+    struct wpos p;
+    struct wres r2;
+    uint32_t f = walk_start(s, 1, ia, &p);
+
+    r->faddr = ia;
+    r->tlo = ~0ull;
+    r->thi = 0;
+    if (f)
+        return f;
+    for (;;) {
+        uint64_t a = p.table + (p.idx << 3);
+        if (a < r->tlo)
+            r->tlo = a;
+        if (a > r->thi)
+            r->thi = a;
+        f = walk_flat(w, s2, 2, a, ACC_R, &r2);
+        if (f) {
+            r->faddr = a;
+            return f | FW_S1PTW;
+        }
+        a = r2.out;
+        if (a > w->last)
+            return FW(K_WALK_ABORT, 1, p.lvl);
+        f = step(s, 1, ia, acc, load64(w, a), &p, r);
+        if (f != STEP_TABLE)
+            return f == STEP_LEAF ? 0 : f;
+    }
+}
+
+/* Any stage: nested when `s2` is given (stage 1 of a nested context). Sets r->faddr. */
+static uint32_t walk_stage(const struct wk_walker *w, const struct stg *s, uint32_t stage, uint64_t ia,
+                           uint32_t acc, const struct stg *s2, struct wres *r)
+{
+    if (s2)
+        return walk_nested(w, s, s2, ia, acc, r);
+    r->faddr = ia;
+    r->tlo = ~0ull;
+    r->thi = 0;
+    return walk_flat(w, s, stage, ia, acc, r);
 }
 
 /* Full translation of one address through a context; fills *e (minus tags) on success. */
@@ -333,6 +403,7 @@ struct wk_walker *wk_new(uintptr_t mem, uint64_t size, uint64_t tlb_entries)
     }
     w->mem = (const uint8_t *)mem;
     w->size = size;
+    w->last = size - 8u;
     w->mask = n - 1;
     w->tlb_on = 1;
     for (i = 0; i < WK_MAX_CTX; i++) {
