@@ -124,9 +124,13 @@ class Mode:
 
 def _geometry_ok(ia_bits: int, level: int, stage2: bool) -> bool:
     """Input size vs start level: at least one root entry, at most one table (16 concatenated at
-    stage 2); the walker applies the same rule, checked here so the fault gets ERRCODE 0."""
+    stage 2); the walker applies the same rule, checked here so the fault gets ERRCODE 0. Stage 2
+    accepts only the Arm pairs (facts section 10): SL0 2 (level 0) with T0SZ 16-24, SL0 1 (level 1)
+    with 21-33, SL0 0 (level 2) with 30-39, i.e. a root of 2..8192 entries and T0SZ <= 39."""
     shift = 12 + 9 * (3 - level)
-    return shift <= ia_bits <= MAX_IA_BITS and ia_bits - shift <= 9 + (4 if stage2 else 0)
+    if stage2:
+        return 25 <= ia_bits <= MAX_IA_BITS and level < 3 and 1 <= ia_bits - shift <= 13
+    return shift <= ia_bits <= MAX_IA_BITS and ia_bits - shift <= 9
 
 
 class Ipmmu:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from vmm.memory import MachineMemory
 from vmm.p2m_tables import PageTable
-from vmm.walker import PERMISSION, TRANSLATION, R, ReferenceWalker, W, Walker
+from vmm.walker import ADDRESS_SIZE, F_S2, PERMISSION, TRANSLATION, Fault, R, ReferenceWalker, Stage, W, Walker
 
 MiB = 1 << 20
 EXAMPLES = int(os.environ.get("IOMMU_LAB_HYPOTHESIS_EXAMPLES", "200"))
@@ -250,3 +250,33 @@ def test_tiny_tlb_conflicts(entries: int) -> None:
     out, fault = w.translate(3, addrs, R)
     assert list(fault) == [0] * 100
     assert list(out) == [(0x100 + 7 * (i % 8)) << 12 | i for i in range(100)]
+
+
+@pytest.mark.parametrize("ia_bits, level, granule, ok", [
+    (40, 1, 12, True),     # the P2M: T0SZ 24, SL0 1, two concatenated tables
+    (30, 1, 12, False),    # a one-entry root: level 2 would do (S2InconsistentSL)
+    (31, 1, 12, True),
+    (24, 2, 12, False),    # T0SZ 40 > 39
+    (25, 2, 12, True),
+    (21, 3, 12, False),    # 4 KiB never starts at level 3 at stage 2 (S2InvalidSL)
+    (48, 0, 14, False),    # 16 KiB starting at level 0 needs 52-bit support
+    (36, 1, 14, False),    # 16 KiB, level 1: one entry
+    (37, 1, 14, True),
+    (40, 0, 12, True),
+    (39, 0, 12, False),
+])
+def test_stage2_geometry_follows_the_arm_rules(ia_bits, level, granule, ok):
+    """Both walkers make an inconsistent stage-2 SL0/T0SZ pair a level-0 translation fault; a
+    consistent one reads its root (whose entry 0 names a table above the output size)."""
+    mem = MachineMemory(16 * MiB)
+    mem.set_pool(8 * MiB, 16 * MiB)
+    root = mem.alloc(16 << granule, 16 << granule)
+    mem.write64(root, (1 << 44) | 3)
+    for w in (Walker(mem), ReferenceWalker(mem)):
+        w.context(0, None, Stage(ttbr=root, ia_bits=ia_bits, start_level=level, granule=granule, flags=F_S2))
+        res = w.translate1(0, 0, R)
+        assert isinstance(res, Fault) and res.stage == 2, (w, res)
+        if ok:
+            assert (res.kind, res.level) == (ADDRESS_SIZE, level), (w, str(res))
+        else:
+            assert (res.kind, res.level) == (TRANSLATION, 0), (w, str(res))

@@ -428,3 +428,31 @@ def test_a_page_outside_machine_memory_fails_in_its_turn(linux):
     linux.flush(1)
     assert m.dma("dma0", 0x2000_0010, 0x40_0000, 3 * PAGE) == (2, 0x2000_2000)
     assert linux.fault_record(1) == (imstr(TF, 1, 3), 0x2000_2000)
+
+
+@pytest.mark.parametrize("ttbcr, ok", [
+    (0xC0000058, True),      # Xen's: SL0 1 (level 1), T0SZ 24
+    (0xC0000062, False),     # SL0 1, T0SZ 34: a one-entry root (only T0SZ 21-33 pair with level 1)
+    (0xC0000055, True),      # SL0 1, T0SZ 21
+    (0xC0000054, False),     # SL0 1, T0SZ 20
+    (0xC0000027, True),      # SL0 0 (level 2), T0SZ 39
+    (0xC0000028, False),     # SL0 0, T0SZ 40
+    (0xC0000098, True),      # SL0 2 (level 0), T0SZ 24
+    (0xC0000099, False),     # SL0 2, T0SZ 25
+    (0xC00000D8, False),     # SL0 3: reserved
+])
+def test_stage2_geometry_is_the_arm_pairs(ttbcr, ok):
+    """facts section 10: only the Arm SL0/T0SZ pairs are consistent; others fault every access
+    with TF, ERRCODE 0, ERRLVL 0."""
+    with Machine.from_board("rcar-virt", quiet=True) as m:
+        rig = Rig(m)
+        rig.xen_context(1, m.dom0.p2m.root)
+        rig.wr(MM, 1, "IMTTBCR", ttbcr)
+        rig.flush(1)
+        status, addr = m.dma("dma0", 0x1010, 0x2000, 8)
+        if ok:
+            assert rig.fault_record(1)[0] != imstr(TF, 0, 0)            # a walk ran: no configuration fault
+            assert status == 0 or rig.fault_record(1)[0] & 0x17
+        else:
+            assert (status, addr) == (2, 0x1010)
+            assert rig.fault_record(1) == (imstr(TF, 0, 0), 0x1010)

@@ -45,7 +45,9 @@ class Stage:
     RES0 in TTBR/VTTBR). A configuration whose ``ia_bits`` does not fit ``start_level`` (fewer
     bits than the level resolves, or more root entries than one granule table -- 16 concatenated
     tables for stage 2) is accepted and makes every access a level-0 translation fault, as the
-    architecture prescribes for an inconsistent SL0/T0SZ.
+    architecture prescribes for an inconsistent SL0/T0SZ. A stage 2 must also have a root of at
+    least two entries and at least 25 input bits, and may not start at level 3 with 4 KiB or at
+    level 0 with 16/64 KiB (Arm's S2InvalidSL / S2InconsistentSL).
     """
 
     ttbr: int

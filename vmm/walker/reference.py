@@ -83,6 +83,11 @@ class _StageGeometry:
         # an inconsistent TnSZ/SL0 pair -- every access is a level-0 translation fault.
         self.consistent = (1 << st.ia_bits) >= first_size and \
             self.root_entries <= max_root_tables * (1 << self.bits_per_level)
+        if stage_no == 2:
+            # Arm's S2InvalidSL / S2InconsistentSL: a root of at least two entries, T0SZ <= 39,
+            # no level-3 start with 4 KiB, no level-0 start with 16/64 KiB (no 52-bit support).
+            self.consistent = self.consistent and self.root_entries >= 2 and st.ia_bits >= 25 and \
+                not (g == 12 and st.start_level == 3) and not (g != 12 and st.start_level == 0)
         root_bytes = 8 * max(self.root_entries, 1)
         self.root = st.ttbr - st.ttbr % root_bytes
 

@@ -156,6 +156,13 @@ static void stage_setup(struct stg *s, const struct wk_stage *in, int is_stage2)
         s->bad = 1;
         return;
     }
+    /* Stage 2 follows Arm's S2InvalidSL / S2InconsistentSL: the root has at least two entries (one
+       entry means a later start level fits), T0SZ is at most 39, 4 KiB never starts at level 3 and
+       16/64 KiB never at level 0 (both need FEAT_TTST / 52-bit support, which the walker lacks). */
+    if (is_stage2 && (root_bits < 1 || s->ia_bits < 25 || (s->g == 12 && s->sl == 3) || (s->g != 12 && s->sl == 0))) {
+        s->bad = 1;
+        return;
+    }
     if (in->ttbr >> s->oa_bits)
         s->ttbr_bad = 1;
     s->root = in->ttbr & ~((8ull << root_bits) - 1ull);
