@@ -41,7 +41,17 @@ def test_numbers_follow_strtoul_and_replies_compare_numerically(machine):
     ("write 0x0 4 1234\n", 1, "0x followed by hex"),
     ("write 0x0 4 0x123\n", 1, "odd number of hex digits"),
     ("b64write 0x0 4 !!!\n", 1, "not base64"),
-    ("memset 0x0 0x80000000 0\n", 1, "larger than 1 GiB"),
+    ("read 0x0 0x100001\n", 1, "more than 1 MiB"),
+    ("read 0x1000 -1\n", 1, "negative numbers are not accepted"),
+    ("memset 0x1000 -5 1\n", 1, "negative numbers are not accepted"),
+    ("readl -4\n", 1, "negative numbers are not accepted"),
+    ("readl 0x10000000000000000\n", 1, "wider than 64 bits"),
+    ("readl 1_000\n", 1, "no '_' separators"),
+    ("writel 0x0 0x1_0\n", 1, "no '_' separators"),
+    ("readl 0x+10\n", 1, "not a number"),
+    ("readl \u0661\u0662\n", 1, "not a number"),                # Arabic-Indic digits: int() takes them
+    ("readl 0x0\nOK 0x1_0\n", 2, "not a number"),
+    ("readl 0x0\nIRQ raise -1\n", 2, "negative"),
     ("readl 0x0\nIRQ raise\n", 2, "IRQ raise N"),
     ("readl 0x0\nIRQ raise 3\nirq_intercept_in x\n", 2, "before the irq_intercept request at line 3"),
     ("[X +0.1] readl 0\n", 1, "unknown log prefix"),
@@ -88,7 +98,7 @@ def test_mismatch_reports_the_reply_line(machine):
 
 def test_guest_memory_outside_ram_is_an_error_unless_fail_is_expected(machine):
     r = replay_text(machine, "write 0x20000000 4 0x11223344\n", "t")
-    assert (r.status, r.line) == (2, 1) and "is not guest RAM" in r.message
+    assert (r.status, r.line) == (2, 1) and "is neither guest RAM of dom0" in r.message
     r = replay_text(machine, "read 0xf0000000 4\n", "t")       # no reply: still an error
     assert r.status == 2
     r = replay_text(machine, "write 0x20000000 4 0x11223344\nFAIL\nmemset 0x1000 0 0\nOK\n", "t")
@@ -156,12 +166,12 @@ def test_machine_replay_returns_a_result(machine, tmp_path):
 
 
 def test_progress_bar_on_a_terminal(machine, monkeypatch, capsys):
-    monkeypatch.setattr(trace.replay, "PROGRESS_MIN_OPS", 10)
-    monkeypatch.setattr(trace.replay, "CHUNK", 4)
+    monkeypatch.setattr(trace.replay, "PROGRESS_MIN_BYTES", 10)
+    monkeypatch.setattr(trace.language, "BLOCK", 64)
     r = replay_text(machine, "readl 0xfff00044\nOK 0x4f20\n" * 20, progress=True)
     assert r.ok
     err = capsys.readouterr().err
-    assert "20/20 requests" in err and "[####" in err
+    assert "100.0% 20 requests" in err and "[####" in err and "  3 requests" not in err
 
 
 # -- every trace in tests/traces: passes, and fails at the right line when mutated -----------
