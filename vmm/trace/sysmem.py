@@ -42,7 +42,10 @@ class SystemMemory:
 
     # -- where --------------------------------------------------------------------------------
     def in_ram(self, addr: int, size: int) -> bool:
-        return any(start <= addr and addr + size <= start + length for start, length in self.ram)
+        for start, length in self.ram:
+            if start <= addr and addr + size <= start + length:
+                return True
+        return False
 
     def device(self, addr: int, size: int) -> bool:
         hit = self.machine.mmio.find(addr)
