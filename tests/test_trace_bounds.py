@@ -37,7 +37,8 @@ def test_bulk_requests_outside_ram_and_windows_are_errors_at_their_line(machine,
 def test_huge_writes_expected_to_fail_allocate_nothing():
     """Eight 1 GiB writes (each expected to FAIL) under a 2.5 GiB address-space limit: before,
     each allocated its gigabyte first."""
-    text = "write 0x0 1073741824 0x00\nFAIL\n" * 8 + "memset 0x20000000 0x40000000 0\nFAIL\nreadl 0xfff00044\nOK 0x4f20\n"
+    text = ("write 0x0 1073741824 0x00\nFAIL\n" * 8
+            + "memset 0x20000000 0x40000000 0\nFAIL\nreadl 0xfff00044\nOK 0x4f20\n")
     code = ("import resource, sys, logging; logging.getLogger('vmm').setLevel(logging.ERROR);"
             "resource.setrlimit(resource.RLIMIT_AS, (5 << 29, 5 << 29));"
             "from vmm.trace import replay_fresh; r = replay_fresh(sys.argv[1]);"

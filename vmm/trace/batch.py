@@ -15,9 +15,13 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from vmm.trace.language import EXIT_ERROR, EXIT_MISMATCH, EXIT_OK, TraceError, read_trace
+from vmm.trace.language import EXIT_ERROR, EXIT_MISMATCH, EXIT_OK, Trace, TraceError, read_trace
 from vmm.trace.replay import ReplayResult, machine_for, replay_trace
+
+if TYPE_CHECKING:
+    from vmm.machine import Machine
 
 
 @dataclass(frozen=True)
@@ -28,20 +32,36 @@ class Options:
     progress: bool = False
 
 
+def open_trace(path: str) -> tuple[Trace | None, str | None]:
+    """(trace, None), or (None, why) in one line when the file cannot be read."""
+    try:
+        return read_trace(path), None
+    except OSError as e:
+        return None, f"{path}: cannot read: {e.strerror or e}"
+    except TraceError as e:
+        return None, str(e)
+
+
+def build_machine(trace: Trace, board: str | None = None, p2m: str | None = None, ram: str | None = None
+                  ) -> tuple[Machine | None, str | None]:
+    """(a fresh machine for the trace, None), or (None, why) in one line when its header or the
+    options ask for a machine that cannot be built -- never an exception, so a bad trace fails
+    alone (one test item, one line of a batch), never the session."""
+    from vmm.board import BoardError
+    try:
+        return machine_for(trace, board, p2m, ram), None
+    except (BoardError, OSError, ValueError) as e:
+        return None, f"{trace.name}: {e}"
+
+
 def replay_path(path: str, opts: Options) -> ReplayResult:
     """Replay one trace file on a fresh machine; every failure is a result, never an exception."""
-    from vmm.board import BoardError
     t0 = time.perf_counter()
-    try:
-        trace = read_trace(path)
-    except OSError as e:
-        return ReplayResult(False, EXIT_ERROR, path, None, f"{path}: cannot read: {e.strerror or e}")
-    except TraceError as e:
-        return ReplayResult(False, EXIT_ERROR, e.name, e.line, str(e))
-    try:
-        m = machine_for(trace, opts.board, opts.p2m, opts.ram)
-    except (BoardError, OSError, ValueError) as e:         # a header asking for an unbuildable machine
-        return ReplayResult(False, EXIT_ERROR, path, None, f"{path}: {e}", seconds=time.perf_counter() - t0)
+    trace, why = open_trace(path)
+    if trace is not None:
+        m, why = build_machine(trace, opts.board, opts.p2m, opts.ram)
+    if why is not None:
+        return ReplayResult(False, EXIT_ERROR, path, None, why, seconds=time.perf_counter() - t0)
     try:
         result = replay_trace(m, trace, progress=opts.progress)
     finally:
