@@ -275,10 +275,14 @@ def test_qtrace_files_become_test_items(tmp_path):
     (traces / "good.qtrace").write_text("# board: rcar-virt\nreadl 0xfff00044\nOK 0x4f20\n")
     (traces / "bad.qtrace").write_text("readl 0xfff00044\n\nOK 0x4f21\n")
     (traces / "skipped.qtrace").write_text("# skip: not yet\nreadl 0x0\n")
+    (traces / "unbuildable.qtrace").write_text("# board: no-such-board\nreadl 0x0\n")   # fails alone
+    (traces / "empty.qtrace").write_text("# nothing\n")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
                           capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(REPO),
                                                                              "PATH": "/usr/bin:/bin"})
     out = proc.stdout
-    assert "1 failed, 1 passed, 1 skipped" in out, out
+    assert "3 failed, 1 passed, 1 skipped" in out, out
     assert "bad.qtrace:3: expected OK 0x4f21, got OK 0x0000000000004f20" in out
+    assert "unbuildable.qtrace: " in out and "no-such-board" in out
+    assert "empty.qtrace: the trace holds no requests" in out
     assert "Traceback" not in out
