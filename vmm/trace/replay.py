@@ -217,8 +217,9 @@ class _Replayer:
         cur: tuple = _SKIP
         cur_line = 0
         got: Any = None
-        replied = pending = fail_ok = False
-        k = 0                     # IRQ lines of the current request matched so far
+        replied = True            # no request yet: a reply now is a stray
+        pending = fail_ok = False # pending: the request must be checked when the next one starts
+        k = 0                     # IRQ lines of the current request matched so far (k or fail_ok => pending)
         last_irq = 0
         failure = None
         try:
@@ -234,8 +235,9 @@ class _Replayer:
                             failure = self._finish(cur, cur_line, got, fail_ok, k, last_irq)
                             if failure is not None:
                                 break
-                            pending = False
-                        cur, cur_line, replied, fail_ok, k = c, lineno, False, False, 0
+                            pending = fail_ok = False
+                            k = 0
+                        cur, cur_line, replied = c, lineno, False
                         try:
                             got = c[1]()
                         except Refused as e:
@@ -246,7 +248,7 @@ class _Replayer:
                         if edges:
                             pending = True
                     elif tag is OKV:
-                        if replied or cur is _SKIP:
+                        if replied:
                             failure = self._stray(cur, cur_line, lineno, c[-1])
                             break
                         replied = True
@@ -262,13 +264,13 @@ class _Replayer:
                     elif tag is _SKIP[0]:
                         continue
                     elif tag is OK:
-                        if replied or cur is _SKIP:
+                        if replied:
                             failure = self._stray(cur, cur_line, lineno, c[-1])
                             break
                         replied = True
                         nexp += 1
                     elif tag is FAIL:
-                        if replied or cur is _SKIP:
+                        if replied:
                             failure = self._stray(cur, cur_line, lineno, c[-1])
                             break
                         replied = True
