@@ -59,7 +59,27 @@ CASES = {
     "below-1mib": (lambda b: set_load_paddr(b, 0x8000), "below 1 MiB"),
     "not-elf": (lambda b: b.__setitem__(slice(0, 4), b"MZ\0\0"), "not an ELF"),
     "tiny": (lambda b: b.__delitem__(slice(20, None)), "truncated"),
+    "big-endian": (lambda b: b.__setitem__(5, 2), "big-endian ELF"),
+    "overlapping-loads": (lambda b: set_nth_load_paddr(b, 1, 0x101000), "overlap"),
+    "huge-note": (lambda b: set_note_filesz(b, 10 << 30), "note segment"),
+    "huge-segment": (lambda b: set_nth_load_field(b, 0, 40, 10 << 30), "outside guest RAM"),
 }
+
+
+def set_nth_load_field(blob: bytearray, n: int, field_off: int, value: int) -> None:
+    loads = [off for off, (ptype, *_rest) in phdrs(blob) if ptype == 1]
+    struct.pack_into("<Q", blob, loads[n] + field_off, value)
+
+
+def set_nth_load_paddr(blob: bytearray, n: int, paddr: int) -> None:
+    set_nth_load_field(blob, n, 16, paddr)
+    set_nth_load_field(blob, n, 24, paddr)
+
+
+def set_note_filesz(blob: bytearray, size: int) -> None:
+    for off, (ptype, *_rest) in phdrs(blob):
+        if ptype == 4:
+            struct.pack_into("<Q", blob, off + 32, size)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -95,3 +115,24 @@ def test_info_lists_segments():
     r = subprocess.run([sys.executable, "-m", "vmm", "info", str(HELLO)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0
     assert "PVH entry 0x100000" in r.stdout and "LOAD 0x00100000" in r.stdout
+
+
+@pytest.mark.parametrize("name, words", [("/dev/zero", "not a regular file"), ("sparse", "not an ELF file"),
+                                         ("dir", "cannot read")])
+def test_special_and_huge_files_are_refused_without_reading_them(tmp_path, name, words):
+    path = {"/dev/zero": "/dev/zero", "sparse": str(tmp_path / "sparse.elf"), "dir": str(tmp_path)}[name]
+    if name == "sparse":
+        with open(path, "wb") as f:
+            f.truncate(10 << 30)
+    with pytest.raises(ImageError) as info:
+        load_image(path, RAM)
+    assert words in str(info.value)
+
+
+def test_a_valid_header_on_a_huge_sparse_file_reads_only_its_segments(tmp_path):
+    p = tmp_path / "padded.elf"
+    with open(p, "wb") as f:
+        f.write(HELLO.read_bytes())
+        f.truncate(10 << 30)
+    img = load_image(p, RAM)
+    assert sum(len(s.data) for s in img.segments) < 0x10000

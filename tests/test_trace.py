@@ -41,7 +41,17 @@ def test_numbers_follow_strtoul_and_replies_compare_numerically(machine):
     ("write 0x0 4 1234\n", 1, "0x followed by hex"),
     ("write 0x0 4 0x123\n", 1, "odd number of hex digits"),
     ("b64write 0x0 4 !!!\n", 1, "not base64"),
-    ("memset 0x0 0x80000000 0\n", 1, "larger than 1 GiB"),
+    ("read 0x0 0x100001\n", 1, "more than 1 MiB"),
+    ("read 0x1000 -1\n", 1, "negative numbers are not accepted"),
+    ("memset 0x1000 -5 1\n", 1, "negative numbers are not accepted"),
+    ("readl -4\n", 1, "negative numbers are not accepted"),
+    ("readl 0x10000000000000000\n", 1, "wider than 64 bits"),
+    ("readl 1_000\n", 1, "no '_' separators"),
+    ("writel 0x0 0x1_0\n", 1, "no '_' separators"),
+    ("readl 0x+10\n", 1, "not a number"),
+    ("readl \u0661\u0662\n", 1, "not a number"),                # Arabic-Indic digits: int() takes them
+    ("readl 0x0\nOK 0x1_0\n", 2, "not a number"),
+    ("readl 0x0\nIRQ raise -1\n", 2, "negative"),
     ("readl 0x0\nIRQ raise\n", 2, "IRQ raise N"),
     ("readl 0x0\nIRQ raise 3\nirq_intercept_in x\n", 2, "before the irq_intercept request at line 3"),
     ("[X +0.1] readl 0\n", 1, "unknown log prefix"),
@@ -88,7 +98,7 @@ def test_mismatch_reports_the_reply_line(machine):
 
 def test_guest_memory_outside_ram_is_an_error_unless_fail_is_expected(machine):
     r = replay_text(machine, "write 0x20000000 4 0x11223344\n", "t")
-    assert (r.status, r.line) == (2, 1) and "is not guest RAM" in r.message
+    assert (r.status, r.line) == (2, 1) and "is neither guest RAM of dom0" in r.message
     r = replay_text(machine, "read 0xf0000000 4\n", "t")       # no reply: still an error
     assert r.status == 2
     r = replay_text(machine, "write 0x20000000 4 0x11223344\nFAIL\nmemset 0x1000 0 0\nOK\n", "t")
@@ -156,12 +166,12 @@ def test_machine_replay_returns_a_result(machine, tmp_path):
 
 
 def test_progress_bar_on_a_terminal(machine, monkeypatch, capsys):
-    monkeypatch.setattr(trace.replay, "PROGRESS_MIN_OPS", 10)
-    monkeypatch.setattr(trace.replay, "CHUNK", 4)
+    monkeypatch.setattr(trace.replay, "PROGRESS_MIN_BYTES", 10)
+    monkeypatch.setattr(trace.language, "BLOCK", 64)
     r = replay_text(machine, "readl 0xfff00044\nOK 0x4f20\n" * 20, progress=True)
     assert r.ok
     err = capsys.readouterr().err
-    assert "20/20 requests" in err and "[####" in err
+    assert "100.0% 20 requests" in err and "[####" in err and "  3 requests" not in err
 
 
 # -- every trace in tests/traces: passes, and fails at the right line when mutated -----------
@@ -265,10 +275,14 @@ def test_qtrace_files_become_test_items(tmp_path):
     (traces / "good.qtrace").write_text("# board: rcar-virt\nreadl 0xfff00044\nOK 0x4f20\n")
     (traces / "bad.qtrace").write_text("readl 0xfff00044\n\nOK 0x4f21\n")
     (traces / "skipped.qtrace").write_text("# skip: not yet\nreadl 0x0\n")
+    (traces / "unbuildable.qtrace").write_text("# board: no-such-board\nreadl 0x0\n")   # fails alone
+    (traces / "empty.qtrace").write_text("# nothing\n")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
                           capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(REPO),
                                                                              "PATH": "/usr/bin:/bin"})
     out = proc.stdout
-    assert "1 failed, 1 passed, 1 skipped" in out, out
+    assert "3 failed, 1 passed, 1 skipped" in out, out
     assert "bad.qtrace:3: expected OK 0x4f21, got OK 0x0000000000004f20" in out
+    assert "unbuildable.qtrace: " in out and "no-such-board" in out
+    assert "empty.qtrace: the trace holds no requests" in out
     assert "Traceback" not in out

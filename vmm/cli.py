@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import math
+import os
 import sys
 
 from vmm.backends import BackendUnavailable
@@ -12,6 +15,26 @@ from vmm.elfload import ImageError, load_image
 from vmm.images import available_images, find_image
 
 EXIT_USAGE = 2
+TIMEOUT_MIN, TIMEOUT_MAX = 0.01, 86400.0     # below 10 ms no backend can stop a guest in time; a day at most
+JOBS_MAX = 256
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+
+RUN_STATUSES = """exit status:
+  V      the payload's debug-exit value (it wrote V to port 0xF4; 0 = every check passed)
+  2      bad image, board or option (one line on stderr says why)
+  124    the guest was stopped by --timeout
+  125    the guest halted without writing the debug-exit port
+  126    the guest crashed (triple fault, VM entry failure, emulator error)
+  130    interrupted (Ctrl-C)
+"""
+
+REPLAY_STATUSES = """exit status (the worst over all traces given):
+  0      every expectation of every trace held
+  1      a mismatch: TRACE:LINE: expected ..., got ... (the first one of each failing trace)
+  2      a malformed or unreadable trace, a trace that holds no request (it would check
+         nothing), a request outside guest RAM and the device windows, a bad board or option
+  130    interrupted (Ctrl-C)
+"""
 
 
 def _machine(args):
@@ -20,13 +43,47 @@ def _machine(args):
 
 
 def _seconds(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be 0 (no limit) or more seconds")
-    return value
+    """--timeout: 0 (no limit) or a finite number of seconds in [TIMEOUT_MIN, TIMEOUT_MAX]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if value == 0 or (math.isfinite(value) and TIMEOUT_MIN <= value <= TIMEOUT_MAX):
+        return value
+    raise argparse.ArgumentTypeError(f"{text!r}: give 0 (no limit) or {TIMEOUT_MIN:g} to {TIMEOUT_MAX:g} seconds")
+
+
+def _jobs(text: str) -> int:
+    """--jobs: 1..JOBS_MAX worker processes, or 0 for one per CPU."""
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = -1
+    if value == 0:
+        return os.cpu_count() or 1
+    if 1 <= value <= JOBS_MAX:
+        return value
+    raise argparse.ArgumentTypeError(f"{text!r}: give 1 to {JOBS_MAX} worker processes (0: one per CPU)")
+
+
+def _check_record_path(path: str) -> str | None:
+    """Why ``--record PATH`` cannot be written (checked before the machine is built), else None."""
+    from vmm.trace.batch import check_writable
+    if os.path.isdir(path):
+        return f"--record {path}: is a directory (give a file name)"
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return f"--record {path}: no such directory {parent}"
+    return check_writable(path, "--record")
 
 
 def cmd_run(args) -> int:
+    if args.record:
+        why = _check_record_path(args.record)
+        if why:
+            print(f"vmm: {why}", file=sys.stderr)
+            return EXIT_USAGE
+    image = find_image(args.image)       # an unknown payload name fails here, listing the known ones
     m = _machine(args)
     if not args.json:
         def echo(data: bytes) -> None:
@@ -37,13 +94,23 @@ def cmd_run(args) -> int:
     recorder = None
     if args.record:
         from vmm.trace import Recorder
-        recorder = Recorder(m, args.record, note=f"recorded from: vmm run {find_image(args.image)} "
+        recorder = Recorder(m, args.record, note=f"recorded from: vmm run {image} "
                             f"--backend {args.backend} --p2m {m.board.p2m}")
     try:
-        result = m.run(args.image, backend=args.backend, timeout=args.timeout)
-    finally:
+        result = m.run(image, backend=args.backend, timeout=args.timeout)
         if recorder is not None:
             recorder.close()
+    except OSError as e:                 # the trace's disk filled up (or went away) during the run
+        if recorder is None or e.errno not in _WRITE_ERRORS:
+            raise
+        print(f"vmm: --record {args.record}: cannot write: {e.strerror or e}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        if recorder is not None:
+            try:
+                recorder.close()
+            except OSError:
+                pass
     sys.stdout.flush()
     if args.json:
         print(json.dumps({"status": result.status, "reason": result.reason, "backend": result.backend,
@@ -82,7 +149,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    r = sub.add_parser("run", help="boot a PVH payload (default: demo)")
+    r = sub.add_parser("run", help="boot a PVH payload (default: demo)", epilog=RUN_STATUSES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("image", nargs="?", default=None,
                    help=f"ELF path or built payload name ({', '.join(available_images()) or 'none built'})")
     r.add_argument("--backend", choices=["auto", "kvm", "emulated"], default="auto")
@@ -90,16 +158,26 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--p2m", choices=["direct", "scattered"], default=None)
     r.add_argument("--ram", default=None, help="guest RAM size, e.g. 256M")
     r.add_argument("--timeout", type=_seconds, default=10.0,
-                   help="seconds before a runaway guest is stopped (0: no limit)")
+                   help=f"seconds before a runaway guest is stopped, {TIMEOUT_MIN:g} to {TIMEOUT_MAX:g} "
+                        "(0: no limit; default 10)")
     r.add_argument("--record", metavar="TRACE", help="write a replayable qtest-language trace of the run")
     r.add_argument("--json", action="store_true", help="print a JSON summary instead of streaming the console")
     r.set_defaults(func=cmd_run)
 
-    t = sub.add_parser("replay", help="replay a qtest-language MMIO trace with no CPU")
-    t.add_argument("trace")
+    t = sub.add_parser("replay", help="replay qtest-language MMIO traces with no CPU", epilog=REPLAY_STATUSES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Replay each trace on a fresh machine built from its header (# board:, "
+                                   "# p2m:, # ram:) and the options, which win over the header. Prints one "
+                                   "line per trace (ok lines on stdout, failures on stderr) and, for several "
+                                   "traces, a total.")
+    t.add_argument("trace", nargs="+", help="trace files (qtest language or QEMU -qtest-log)")
     t.add_argument("--board", default="rcar-virt")
     t.add_argument("--p2m", choices=["direct", "scattered"], default=None)
-    t.add_argument("--json", action="store_true", help="print a JSON summary")
+    t.add_argument("--ram", default=None, help="guest RAM size, e.g. 256M (overrides the header's # ram:)")
+    t.add_argument("-j", "--jobs", type=_jobs, default=1, metavar="N",
+                   help="replay in N worker processes, each building its own machines (0: one per CPU)")
+    t.add_argument("--junit", metavar="FILE", help="also write a JUnit XML report (one testcase per trace)")
+    t.add_argument("--json", action="store_true", help="print one JSON summary line per trace (and a total)")
     t.set_defaults(func=cmd_replay)
 
     b = sub.add_parser("boards", help="list boards")

@@ -13,6 +13,8 @@ def image_dirs() -> list[Path]:
 
 
 def find_image(name_or_path: str | None) -> str:
+    """The ELF path for a payload name or path; an unknown name is an ImageError listing the
+    payloads that are built (a path, or a name ending in .elf, is left to the loader to check)."""
     name = name_or_path or DEFAULT_IMAGE
     p = Path(name)
     if p.exists() or "/" in name or name.endswith(".elf"):
@@ -21,7 +23,10 @@ def find_image(name_or_path: str | None) -> str:
         cand = d / f"{name}.elf"
         if cand.is_file():
             return str(cand)
-    return str(image_dirs()[0] / f"{name}.elf")     # the loader reports it missing
+    from vmm.elfload import ImageError
+    known = available_images()
+    listing = f"built payloads: {', '.join(known)}" if known else "no payload is built (run `make guests`)"
+    raise ImageError(f"no payload named {name!r}; {listing}; or give the path of an ELF file")
 
 
 def available_images() -> list[str]:

@@ -94,18 +94,16 @@ class TraceItem(pytest.Item):
     """One trace replayed on a fresh machine built from its header."""
 
     def runtest(self) -> None:
-        from vmm.board import BoardError
-        from vmm.trace import TraceError, machine_for, read_trace, replay_trace
-        try:
-            trace = read_trace(self.path)
-        except TraceError as e:
-            raise TraceMismatch(str(e)) from None
+        from vmm.trace import replay_trace
+        from vmm.trace.batch import build_machine, open_trace
+        trace, why = open_trace(str(self.path))
+        if trace is None:                     # unreadable or malformed: this item fails, not the session
+            raise TraceMismatch(why)
         if "skip" in trace.header:
             pytest.skip(trace.header["skip"] or "skipped by its header")
-        try:
-            m = machine_for(trace)
-        except BoardError as e:
-            raise TraceMismatch(f"{self.path}: {e}") from None
+        m, why = build_machine(trace)
+        if m is None:                         # its header asks for a machine that cannot be built
+            raise TraceMismatch(why)
         try:
             result = replay_trace(m, trace)
         finally:

@@ -16,8 +16,18 @@ Dialect decisions (where qtest leaves room):
   request on (any path: all board lines are intercepted); a trace with IRQ lines but no intercept
   request (the hand-written kind) is checked from its first line. Checked means the edges each
   request causes equal its ``IRQ raise N`` / ``IRQ lower N`` lines, in order, no more and no less.
-- ``read``/``write``/``b64*``/``memset`` address guest-physical RAM of dom0 (the CPU's view). An
-  address outside RAM is an error (exit 2) unless the trace expects ``FAIL`` there.
+- Every request that takes an address addresses system memory as qtest does: guest RAM of dom0
+  by GPA (the CPU's view) and the device windows. ``readb..q``/``writeb..q`` go to whatever the
+  address holds (RAM, little-endian; a device; a hole reads 0 as on the bus). ``read``/``write``/
+  ``b64*``/``memset`` must lie wholly in one RAM range or one device window (split into aligned
+  accesses of at most 4 bytes there); anything else is an error (exit 2) unless the trace expects
+  ``FAIL``. Ranges are checked before anything is allocated (see ``vmm.trace.sysmem``).
+- Strict numbers: no sign, no ``_``, at most 64 bits; ``read``/``b64read`` at most 1 MiB, a line
+  at most 8 MiB. A UTF-8 byte-order mark is accepted. A trace with no request is an error (exit
+  2): a regression test that checks nothing must not pass.
+- Traces stream: a replay keeps only the current request and a bounded cache of distinct lines,
+  so memory does not grow with a trace's length, and a problem is reported at the first line
+  where it shows (a malformed line after a mismatch is not reached).
 - ``#`` starts a comment anywhere on a line. Comment lines of the form ``# key: value`` before the
   first request are the header: ``board``, ``p2m`` and ``ram`` choose the machine a fresh replay
   builds (``vmm replay`` options override them), ``skip`` makes the pytest item skip.
@@ -37,15 +47,13 @@ also checked on the twin as it is recorded, so a trace that would not replay is 
 """
 
 from vmm.memory import PAGE
-from vmm.trace.language import Request, Trace, TraceError, parse
+from vmm.trace.batch import main_replay, replay_path, replay_paths
+from vmm.trace.language import Request, Trace, TraceError, parse, read_trace
 from vmm.trace.record import Recorder, changed_runs, resident_pages
 from vmm.trace.replay import (
     ReplayResult,
     check_header,
-    compile_trace,
     machine_for,
-    main_replay,
-    read_trace,
     replay_file,
     replay_fresh,
     replay_text,
@@ -54,6 +62,6 @@ from vmm.trace.replay import (
 
 __all__ = [
     "PAGE", "Recorder", "ReplayResult", "Request", "Trace", "TraceError", "changed_runs", "check_header",
-    "compile_trace", "machine_for", "main_replay", "parse", "read_trace", "replay_file", "replay_fresh",
-    "replay_text", "replay_trace", "resident_pages",
+    "machine_for", "main_replay", "parse", "read_trace", "replay_file", "replay_fresh", "replay_path",
+    "replay_paths", "replay_text", "replay_trace", "resident_pages",
 ]

@@ -1,12 +1,19 @@
-"""Replaying a parsed trace on a machine with no CPU, and the `vmm replay` entry points."""
+"""Replaying a trace on a machine with no CPU, streamed: memory does not grow with its length.
+
+Each line is looked up in a bounded cache of what it compiled to (a request bound to the
+machine, or a reply's expectation), so a line seen before costs a dict lookup; a new line is
+checked strictly by ``language.parse_line``. A request is carried out as soon as it is read and
+its reply lines are compared as they arrive; what a request must still satisfy when the next one
+starts (no further IRQ edges, no unexpected failure) is checked then.
+"""
 from __future__ import annotations
 
 import base64
-import json
 import logging
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -16,33 +23,46 @@ if TYPE_CHECKING:
     from vmm.machine import Machine
 
 from vmm.trace.language import (
-    _SUCCEEDED,
     EXIT_ERROR,
     EXIT_MISMATCH,
     EXIT_OK,
-    Request,
+    FAIL,
+    K_MEMORY,
+    K_MMIO,
+    K_PIO,
+    KINDS,
+    OK,
+    OKV,
+    R_HEX,
+    R_NUM,
+    REQ,
     Trace,
     TraceError,
-    _Fail,
     _Failed,
-    _no_gc,
-    parse,
+    _num,
+    blocks,
+    expected_value,
+    parse_line,
+    read_header,
+    read_trace,
+    text_stream,
 )
+from vmm.trace.sysmem import Refused, SystemMemory
 
 log = logging.getLogger("vmm")
 
-PROGRESS_MIN_OPS = 100_000              # a progress bar only for traces this long (and a terminal)
-CHUNK = 1 << 15                         # requests between progress updates
-
+PROGRESS_MIN_BYTES = 4 << 20           # a progress bar only for traces this big (and a terminal)
+CACHE_MAX = 1 << 14                    # distinct lines remembered (then the cache starts over)
+CACHE_LINE = 256                       # longer lines (write data) are not remembered
+_SKIP = ("skip",)
 
 
 # ------------------------------------------------------------------------------------------
-# replay
 @dataclass
 class ReplayResult:
     """What a replay found. ``status`` is what ``vmm replay`` exits with: 0 every expectation held,
-    1 the first mismatch is ``message`` (at ``line``), 2 the trace is malformed or asks for
-    something the board cannot do."""
+    1 the first mismatch is ``message`` (at ``line``), 2 the trace is malformed, holds no request,
+    or asks for something the board cannot do."""
 
     ok: bool
     status: int
@@ -60,32 +80,6 @@ class ReplayResult:
         return {"ok": self.ok, "status": self.status, "trace": self.trace, "line": self.line,
                 "message": self.message, "counts": self.counts, "exit_status": self.exit_status,
                 "seconds": round(self.seconds, 6)}
-
-
-def _guest_ops(machine: Machine):
-    """Closures over dom0's RAM that report a range outside RAM instead of raising."""
-    dom = machine.dom0
-
-    def write(gpa: int, data: bytes):
-        try:
-            dom.write(gpa, data)
-        except ValueError as e:
-            return _Failed(str(e))
-        return None
-
-    def read_int(gpa: int, size: int):
-        try:
-            return int.from_bytes(dom.read(gpa, size), "big")
-        except ValueError as e:
-            return _Failed(str(e))
-
-    def read_bytes(gpa: int, size: int):
-        try:
-            return dom.read(gpa, size)
-        except ValueError as e:
-            return _Failed(str(e))
-
-    return write, read_int, read_bytes
 
 
 class _Clock:
@@ -111,100 +105,20 @@ def _little() -> str:
     return "little"
 
 
-Op = tuple[Callable[[], Any], Any, Any, int]     # (do, expectation, expected IRQ edges, request index)
-
-
-def compile_trace(trace: Trace, machine: Machine) -> list[Op]:
-    """Turn parsed requests into ``(do, expect, irqs, index)`` tuples, so replay is one tight loop.
-
-    ``do()`` performs the request and returns what the reply would carry; ``expect`` is compared
-    with ``!=`` (None: nothing to check); ``irqs`` is None while IRQs are not intercepted, else the
-    tuple of ``(line, level)`` edges the request must cause.
-    """
-    with _no_gc():
-        return _compile(trace, machine)
-
-
-def _compile(trace: Trace, machine: Machine) -> list[Op]:
-    mmio_read, mmio_write = machine.mmio_read, machine.mmio_write
-    pio_read, pio_write = machine.pio_read, machine.pio_write
-    gwrite, gread_int, gread_bytes = _guest_ops(machine)
-    clock = _Clock()
-    ops: list[Op] = []
-    append = ops.append
-    nothing = _nothing
-    for i, r in enumerate(trace.requests):
-        cmd, a, expect, kind = r.cmd, r.args, r.expect, r.kind
-        if kind == "mmio":
-            do = partial(mmio_read if cmd[0] == "r" else mmio_write, *a)
-        elif kind == "pio":
-            do = partial(pio_read if cmd[0] == "i" else pio_write, *a)
-        elif cmd == "write":
-            do = partial(gwrite, a[0], a[1]) if a[1] else nothing
-            expect = expect if expect is not None else _SUCCEEDED
-        elif cmd == "b64write":
-            do = partial(gwrite, a[0], a[1]) if a[1] else nothing
-            expect = expect if expect is not None else _SUCCEEDED
-        elif cmd == "memset":
-            do = partial(gwrite, a[0], bytes([a[2]]) * a[1]) if a[1] else nothing
-            expect = expect if expect is not None else _SUCCEEDED
-        elif cmd == "read":
-            do = partial(gread_int, a[0], a[1])
-            expect = expect if expect is not None else _SUCCEEDED
-        elif cmd == "b64read":
-            do = partial(gread_bytes, a[0], a[1])
-            expect = expect if expect is not None else _SUCCEEDED
-        elif cmd == "clock_step":
-            do = partial(clock.step, a[0])
-        elif cmd == "clock_set":
-            do = partial(clock.set, a[0])
-        elif cmd == "endianness":
-            do = _little
-        else:                                   # irq_intercept_*: always succeeds
-            do = nothing
-        if expect is _SUCCEEDED and kind != "memory":
-            expect = None                       # a bare OK after a request that cannot fail
-        irqs = tuple((n, lvl) for n, lvl, _, _ in r.irqs) if r.intercepting else None
-        append((do, expect, irqs, i))
-    return ops
-
-
-def _show(req: Request, got: Any) -> str:
-    """``got`` as the reply line QEMU would print for this request."""
-    if isinstance(got, _Failed):
-        return f"FAIL {got.why}"
-    cmd = req.cmd
-    if got is None:
-        return "OK"
-    if req.kind == "mmio":
-        return f"OK 0x{got:016x}"
-    if req.kind == "pio":
-        return f"OK 0x{got:04x}"
-    if cmd == "read":
-        return f"OK 0x{got:0{2 * req.args[1]}x}"
-    if cmd == "b64read":
-        return "OK " + base64.b64encode(got).decode()
-    return f"OK {got}"
-
-
-def _irq_text(edge: tuple[int, bool]) -> str:
-    return f"IRQ {'raise' if edge[1] else 'lower'} {edge[0]}"
-
-
 class _Progress:
-    """A one-line progress bar on a terminal; replay updates it between chunks, never per request."""
+    """A one-line progress bar on a terminal, updated between blocks of lines."""
 
     def __init__(self, total: int, name: str) -> None:
         self.total = total
         self.name = name
         self.start = time.perf_counter()
 
-    def update(self, done: int) -> None:
-        frac = done / self.total if self.total else 1.0
+    def update(self, done: int, requests: int) -> None:
+        frac = min(done / self.total, 1.0) if self.total else 1.0
         width = 30
         bar = "#" * int(frac * width) + "." * (width - int(frac * width))
-        rate = done / max(time.perf_counter() - self.start, 1e-9)
-        sys.stderr.write(f"\r{self.name}: [{bar}] {frac:6.1%} {done}/{self.total} requests ({rate:,.0f}/s)")
+        rate = requests / max(time.perf_counter() - self.start, 1e-9)
+        sys.stderr.write(f"\r{self.name}: [{bar}] {frac:6.1%} {requests} requests ({rate:,.0f}/s)")
         sys.stderr.flush()
 
     def close(self) -> None:
@@ -212,112 +126,344 @@ class _Progress:
         sys.stderr.flush()
 
 
-def replay_trace(machine: Machine, trace: Trace, progress: bool = False, ops: list[Op] | None = None) -> ReplayResult:
-    """Replay a parsed trace on ``machine`` with no CPU; stops at the first mismatch.
+# ------------------------------------------------------------------------------------------
+class _LateIntercept(Exception):
+    """An irq_intercept request after IRQ lines that assumed a hand-written trace."""
 
-    ``ops`` may be ``compile_trace(trace, machine)`` done beforehand (benchmarks, repeated replays).
-    """
+
+class _Replayer:
+    """One replay of one trace on one machine (``run`` is the hot loop)."""
+
+    def __init__(self, machine: Machine, name: str) -> None:
+        self.machine = machine
+        self.name = name
+        self.mem = SystemMemory(machine)
+        self.clock = _Clock()
+        self.cache: dict[str, tuple] = {}
+        self.edges: list[tuple[int, bool]] = []
+        self.intercepting = False
+        self.handwritten = 0              # line of the first IRQ line seen before any intercept request
+        self.unchecked: tuple[str, int, tuple[int, bool]] | None = None   # first unchecked edge
+        self.edge_total = 0
+        self.lines = 0
+        self.requests = 0
+        self.expectations = 0
+        self.kinds = [0, 0, 0, 0]
+
+    # -- compiling one line ------------------------------------------------------------------
+    def compile(self, line: str, lineno: int) -> tuple:
+        """What ``line`` does on this machine: ``(REQ, do, kind, text, reply_kind, cmd)`` or a reply
+        tuple from ``parse_line``; cached by the line's text."""
+        try:
+            p = parse_line(line)
+        except ValueError as e:
+            raise TraceError(self.name, lineno, str(e)) from None
+        if p is None:
+            c = _SKIP
+        elif p[0] == REQ:
+            _, cmd, a, kind, reply_kind, text = p
+            c = (REQ, self._bind(cmd, a, kind), kind, text, reply_kind, cmd)
+        elif p[0] == OKV:                                     # (OKV, word, text, the word as a number)
+            try:
+                c = (OKV, p[1], p[2], _num(p[1]))
+            except ValueError:
+                c = (OKV, p[1], p[2], None)
+        else:
+            c = p
+        if len(line) <= CACHE_LINE and "[" not in line:      # log lines carry unique timestamps
+            if len(self.cache) >= CACHE_MAX:
+                self.cache.clear()
+            self.cache[line] = c
+        return c
+
+    def _bind(self, cmd: str, a: tuple, kind: int) -> Callable[[], Any]:
+        m, mem = self.machine, self.mem
+        if kind == K_MMIO:
+            return mem.load(*a) if cmd[0] == "r" else mem.store(*a)
+        if kind == K_PIO:
+            return partial(m.pio_read if cmd[0] == "i" else m.pio_write, *a)
+        if cmd == "read":
+            reader = mem.reader(a[0], a[1])
+            return lambda: int.from_bytes(reader(), "big")
+        if cmd == "b64read":
+            return mem.reader(a[0], a[1])
+        if cmd == "memset":
+            return mem.writer(a[0], a[1], b"", a[2])
+        if kind == K_MEMORY:                                  # write, b64write
+            return mem.writer(a[0], a[1], a[2])
+        if cmd == "clock_step":
+            return partial(self.clock.step, a[0])
+        if cmd == "clock_set":
+            return partial(self.clock.set, a[0])
+        if cmd == "endianness":
+            return _little
+        return self._intercept
+
+    def _intercept(self) -> None:
+        if self.handwritten:
+            raise _LateIntercept
+        self.intercepting = True
+
+    # -- the hot loop --------------------------------------------------------------------------
+    def run(self, source: Iterable[list[str]], progress: Callable[[list[str], int], None] | None = None
+            ) -> tuple[int, int, str] | None:
+        """Replay every line; returns None, or ``(status, line, message)`` for the first failure."""
+        get = self.cache.get
+        compile_line = self.compile
+        edges = self.edges
+        kinds = self.kinds
+        lineno = 0
+        nreq = nexp = 0
+        cur: tuple = _SKIP
+        cur_line = 0
+        got: Any = None
+        replied = True            # no request yet: a reply now is a stray
+        pending = fail_ok = False # pending: the request must be checked when the next one starts
+        k = 0                     # IRQ lines of the current request matched so far (k or fail_ok => pending)
+        last_irq = 0
+        failure = None
+        try:
+            for block in source:
+                for line in block:
+                    lineno += 1
+                    c = get(line)
+                    if c is None:
+                        c = compile_line(line, lineno)
+                    tag = c[0]
+                    if tag is REQ:
+                        if pending:
+                            failure = self._finish(cur, cur_line, got, fail_ok, k, last_irq)
+                            if failure is not None:
+                                break
+                            pending = fail_ok = False
+                            k = 0
+                        cur, cur_line, replied = c, lineno, False
+                        try:
+                            got = c[1]()
+                        except Refused as e:
+                            got = _Failed(str(e))
+                            pending = True
+                        nreq += 1
+                        kinds[c[2]] += 1
+                        if edges:
+                            pending = True
+                    elif tag is OKV:
+                        if replied:
+                            failure = self._stray(cur, cur_line, lineno, c[-1])
+                            break
+                        replied = True
+                        nexp += 1
+                        if cur[4] == R_NUM and c[3] is not None:
+                            if got != c[3]:
+                                failure = self._mismatch(cur, cur_line, lineno, c[2], got)
+                                break
+                        else:
+                            failure = self._compare(cur, cur_line, lineno, c, got)
+                            if failure is not None:
+                                break
+                    elif tag is _SKIP[0]:
+                        continue
+                    elif tag is OK:
+                        if replied:
+                            failure = self._stray(cur, cur_line, lineno, c[-1])
+                            break
+                        replied = True
+                        nexp += 1
+                    elif tag is FAIL:
+                        if replied:
+                            failure = self._stray(cur, cur_line, lineno, c[-1])
+                            break
+                        replied = True
+                        nexp += 1
+                        if got.__class__ is not _Failed:
+                            failure = (EXIT_MISMATCH, lineno, f"{self.name}:{lineno}: expected {c[1]}, got "
+                                       f"{_show(cur, got)} ({cur[3]}, line {cur_line})")
+                            break
+                        fail_ok = True
+                    else:                                     # IRQ
+                        if cur is _SKIP:
+                            failure = self._stray(cur, cur_line, lineno, c[-1])
+                            break
+                        nexp += 1
+                        if not self.intercepting:
+                            failure = self._start_handwritten(lineno)
+                            if failure is not None:
+                                break
+                        if k >= len(edges):
+                            failure = (EXIT_MISMATCH, lineno, f"{self.name}:{lineno}: expected {c[3]}, got no IRQ "
+                                       f"({cur[3]}, line {cur_line})")
+                            break
+                        if edges[k] != (c[1], c[2]):
+                            failure = (EXIT_MISMATCH, lineno, f"{self.name}:{lineno}: expected {c[3]}, got "
+                                       f"{_irq_text(edges[k])} ({cur[3]}, line {cur_line})")
+                            break
+                        k += 1
+                        last_irq = lineno
+                        pending = True
+                if failure is not None:
+                    break
+                if progress is not None:
+                    progress(block, nreq)
+            else:
+                if pending:
+                    failure = self._finish(cur, cur_line, got, fail_ok, k, last_irq)
+        except TraceError as e:
+            failure = (EXIT_ERROR, e.line, str(e))
+        except _LateIntercept:
+            failure = (EXIT_ERROR, self.handwritten, f"{self.name}:{self.handwritten}: IRQ line before the "
+                       f"irq_intercept request at line {lineno} (edges are checked only from there on)")
+        except Exception as e:  # a device model fault: report it at its line, not as a traceback
+            log.debug("device model raised during replay", exc_info=True)
+            text = cur[3] if cur is not _SKIP else "replay"
+            failure = (EXIT_ERROR, cur_line, f"{self.name}:{cur_line}: {text}: "
+                       f"the device model raised {type(e).__name__}: {e}")
+        self.lines = lineno
+        self.requests, self.expectations = nreq, nexp
+        self.edge_total += len(edges)
+        edges.clear()
+        return failure
+
+    # -- slow paths ------------------------------------------------------------------------------
+    def _compare(self, cur: tuple, cur_line: int, lineno: int, c: tuple, got: Any) -> tuple | None:
+        """An ``OK VALUE`` reply to anything but a width read: decode it for this request and compare."""
+        try:
+            exp = expected_value(cur[5], cur[4], c[1], c[2])
+        except ValueError as e:
+            return (EXIT_ERROR, lineno, f"{self.name}:{lineno}: {e}")
+        if isinstance(got, _Failed):
+            return (EXIT_ERROR, cur_line, f"{self.name}:{cur_line}: {cur[3]}: {got.why}")
+        if got != exp:
+            return self._mismatch(cur, cur_line, lineno, c[2], got)
+        return None
+
+    def _mismatch(self, cur: tuple, cur_line: int, lineno: int, text: str, got: Any) -> tuple:
+        return (EXIT_MISMATCH, lineno, f"{self.name}:{lineno}: expected {text}, got {_show(cur, got)} "
+                f"({cur[3]}, line {cur_line})")
+
+    def _stray(self, cur: tuple, cur_line: int, lineno: int, text: str) -> tuple:
+        if cur is _SKIP:
+            why = f"reply {text[:60]!r} before any request"
+        else:
+            why = f"a second reply to '{cur[3]}' (line {cur_line})"
+        return (EXIT_ERROR, lineno, f"{self.name}:{lineno}: {why}")
+
+    def _start_handwritten(self, lineno: int) -> tuple | None:
+        """The first IRQ line with no intercept request before it: check edges from the first line
+        (a hand-written trace), so an earlier request's unexpected edge is a mismatch now."""
+        self.intercepting = True
+        self.handwritten = lineno
+        if self.unchecked is not None:
+            text, line, edge = self.unchecked
+            return (EXIT_MISMATCH, line, f"{self.name}:{line}: expected no IRQ, got {_irq_text(edge)} "
+                    f"({text}, line {line})")
+        return None
+
+    def _finish(self, cur: tuple, cur_line: int, got: Any, fail_ok: bool, k: int, last_irq: int
+                ) -> tuple | None:
+        """What a request must satisfy once its reply lines are over."""
+        edges = self.edges
+        self.edge_total += len(edges)
+        result = None
+        if isinstance(got, _Failed) and not fail_ok:
+            result = (EXIT_ERROR, cur_line, f"{self.name}:{cur_line}: {cur[3]}: {got.why}")
+        elif edges and self.intercepting:
+            if k < len(edges):
+                line = last_irq if k else cur_line
+                result = (EXIT_MISMATCH, line, f"{self.name}:{line}: expected no {'further ' if k else ''}IRQ, "
+                          f"got {_irq_text(edges[k])} ({cur[3]}, line {cur_line})")
+        elif edges and self.unchecked is None:
+            self.unchecked = (cur[3], cur_line, edges[0])
+        edges.clear()
+        return result
+
+    def counts(self) -> dict[str, int]:
+        return {"lines": self.lines, "requests": self.requests, "expectations": self.expectations,
+                "irq_edges": self.edge_total, **dict(zip(KINDS, self.kinds, strict=True))}
+
+
+def _show(cur: tuple, got: Any) -> str:
+    """``got`` as the reply line QEMU would print for this request."""
+    if isinstance(got, _Failed):
+        return f"FAIL {got.why}"
+    if got is None:
+        return "OK"
+    kind, reply_kind = cur[2], cur[4]
+    if kind == K_MMIO:
+        return f"OK 0x{got:016x}"
+    if kind == K_PIO:
+        return f"OK 0x{got:04x}"
+    if reply_kind == R_HEX:
+        return f"OK 0x{got:0{2 * _read_size(cur)}x}"
+    if isinstance(got, bytes):
+        return "OK " + base64.b64encode(got).decode()
+    return f"OK {got}"
+
+
+def _read_size(cur: tuple) -> int:
+    try:
+        return _num(cur[3].split()[2])
+    except (IndexError, ValueError):
+        return 0
+
+
+def _irq_text(edge: tuple[int, bool]) -> str:
+    return f"IRQ {'raise' if edge[1] else 'lower'} {edge[0]}"
+
+
+# ------------------------------------------------------------------------------------------
+def replay_trace(machine: Machine, trace: Trace, progress: bool = False) -> ReplayResult:
+    """Replay ``trace`` on ``machine`` with no CPU, streaming it; stops at the first mismatch."""
     t0 = time.perf_counter()
-    if ops is None:
-        ops = compile_trace(trace, machine)
-    reqs = trace.requests
-    edges: list[tuple[int, bool]] = []
-    seen = [0]
+    r = _Replayer(machine, trace.name)
+    listen = r.edges.append
 
-    def listen(line: int, level: bool) -> None:
-        edges.append((line, level))
-        seen[0] += 1
+    def listener(line: int, level: bool) -> None:
+        listen((line, level))
 
-    machine.irqs.listeners.append(listen)
+    machine.irqs.listeners.append(listener)
     stop_before = machine.stop_status
     machine.stop_status = None
-    bar = _Progress(len(ops), trace.name) if progress and len(ops) >= PROGRESS_MIN_OPS else None
-    chunks = [ops] if bar is None else [ops[b:b + CHUNK] for b in range(0, len(ops), CHUNK)]
-    failure: tuple[int, int, str] | None = None      # (status, line, message)
-    idx = 0
+    bar = None
     try:
-        for chunk in chunks:
-            for do, expect, irqs, idx in chunk:      # the hot loop: keep it this small
-                got = do()
-                if expect is not None and got != expect:
-                    failure = _judge(trace, reqs[idx], expect, got)
-                    if failure is not None:
-                        break
-                if edges or irqs:
-                    if irqs is not None and tuple(edges) != irqs:
-                        failure = _irq_mismatch(trace, reqs[idx], edges)
-                        break
-                    edges.clear()
-            if failure is not None:
-                break
-            if bar:
-                bar.update(min(idx + 1, len(ops)))
-    except Exception as e:  # a device model fault: report it at its line, not as a traceback
-        req = reqs[idx] if reqs else None
-        log.debug("device model raised during replay", exc_info=True)
-        line = req.line if req else 0
-        failure = (EXIT_ERROR, line, f"{trace.name}:{line}: {req.text if req else 'replay'}: "
-                   f"the device model raised {type(e).__name__}: {e}")
+        with trace.open() as stream:
+            update = None
+            if progress:
+                total = _stream_size(stream)
+                if total >= PROGRESS_MIN_BYTES:
+                    bar = _Progress(total, trace.name)
+                    done = [0]
+
+                    def update(block: list[str], requests: int) -> None:
+                        done[0] += sum(map(len, block)) + len(block)
+                        bar.update(done[0], requests)
+            failure = r.run(blocks(stream, trace.name), update)
+    except OSError as e:
+        failure = (EXIT_ERROR, 0, f"{trace.name}: cannot read: {e.strerror or e}")
     finally:
-        machine.irqs.listeners.remove(listen)
+        machine.irqs.listeners.remove(listener)
         if bar:
             bar.close()
     exit_status = machine.stop_status
     if exit_status is None:
         machine.stop_status = stop_before
-    counts = _counts(trace, idx + 1 if failure else len(ops), seen[0])
+    trace.lines = r.lines
+    counts = r.counts()
     seconds = time.perf_counter() - t0
+    if failure is None and r.requests == 0:
+        failure = (EXIT_ERROR, None, f"{trace.name}: the trace holds no requests (nothing was checked)")
     if failure is None:
         return ReplayResult(True, EXIT_OK, trace.name, None, "", counts, exit_status, seconds)
     status, line, message = failure
     return ReplayResult(False, status, trace.name, line, message, counts, exit_status, seconds)
 
 
-def _judge(trace: Trace, req: Request, expect: Any, got: Any) -> tuple[int, int, str] | None:
-    """The slow path of a failed ``!=``: an expected FAIL that happened, a mismatch, or an error."""
-    if isinstance(expect, _Fail):
-        if isinstance(got, _Failed):
-            return None
-        return (EXIT_MISMATCH, req.expect_line,
-                f"{trace.name}:{req.expect_line}: expected {expect.text}, got {_show(req, got)} "
-                f"({req.text}, line {req.line})")
-    if isinstance(got, _Failed):
-        return (EXIT_ERROR, req.line, f"{trace.name}:{req.line}: {req.text}: {got.why}")
-    return (EXIT_MISMATCH, req.expect_line,
-            f"{trace.name}:{req.expect_line}: expected {req.expect_text}, got {_show(req, got)} "
-            f"({req.text}, line {req.line})")
-
-
-def _irq_mismatch(trace: Trace, req: Request, edges: list[tuple[int, bool]]) -> tuple[int, int, str]:
-    for k, exp in enumerate(req.irqs):
-        if k >= len(edges):
-            return (EXIT_MISMATCH, exp[2], f"{trace.name}:{exp[2]}: expected {exp[3]}, got no IRQ "
-                    f"({req.text}, line {req.line})")
-        if (exp[0], exp[1]) != edges[k]:
-            return (EXIT_MISMATCH, exp[2], f"{trace.name}:{exp[2]}: expected {exp[3]}, got {_irq_text(edges[k])} "
-                    f"({req.text}, line {req.line})")
-    extra = edges[len(req.irqs)]
-    line = req.irqs[-1][2] if req.irqs else req.line
-    return (EXIT_MISMATCH, line, f"{trace.name}:{line}: expected no {'further ' if req.irqs else ''}IRQ, "
-            f"got {_irq_text(extra)} ({req.text}, line {req.line})")
-
-
-def _counts(trace: Trace, done: int, edges: int) -> dict[str, int]:
-    """Requests carried out (all of them, or up to and including the failing one) and what they checked."""
-    kinds = {"mmio": 0, "pio": 0, "memory": 0, "other": 0}
-    checked = 0
-    for r in trace.requests[:done]:
-        kinds[r.kind] += 1
-        checked += (r.expect is not None) + len(r.irqs)
-    return {"lines": trace.lines, "requests": done, "expectations": checked, "irq_edges": edges, **kinds}
-
-
-# ------------------------------------------------------------------------------------------
-# entry points
-def read_trace(path: str | Path) -> Trace:
-    """Read and parse a trace file (OSError if unreadable, TraceError if malformed)."""
-    p = Path(path)
-    return parse(p.read_text(encoding="utf-8", errors="replace"), str(path))
+def _stream_size(stream: Any) -> int:
+    """Characters (or bytes, for a file) the stream holds, for the progress bar; 0 when unknown."""
+    try:
+        return os.fstat(stream.fileno()).st_size
+    except (OSError, ValueError):                      # io.UnsupportedOperation is both
+        getvalue = getattr(stream, "getvalue", None)
+        return len(getvalue()) if getvalue else 0
 
 
 def _error_result(e: TraceError) -> ReplayResult:
@@ -342,11 +488,15 @@ def check_header(trace: Trace, machine: Machine) -> str | None:
     return None
 
 
+def _trace_of_text(text: str, name: str) -> Trace:
+    return Trace(name, lambda: text_stream(text))
+
+
 def replay_text(machine: Machine, text: str, name: str = "<trace>", progress: bool = False) -> ReplayResult:
     """Replay trace text on ``machine``; a malformed trace or a header the machine does not match
     gives a status-2 result rather than an exception, so callers print one line."""
     try:
-        trace = parse(text, name)
+        trace = _trace_of_text(text, name)
     except TraceError as e:
         return _error_result(e)
     why = check_header(trace, machine)
@@ -357,8 +507,14 @@ def replay_text(machine: Machine, text: str, name: str = "<trace>", progress: bo
 
 def replay_file(machine: Machine, path: str | Path, progress: bool = False) -> ReplayResult:
     """``Machine.replay``: replay a trace file on this machine (OSError if it cannot be read)."""
-    p = Path(path)
-    return replay_text(machine, p.read_text(encoding="utf-8", errors="replace"), str(path), progress)
+    try:
+        trace = read_trace(path)
+    except TraceError as e:
+        return _error_result(e)
+    why = check_header(trace, machine)
+    if why:
+        return ReplayResult(False, EXIT_ERROR, trace.name, 0, f"{trace.name}:0: {why}")
+    return replay_trace(machine, trace, progress)
 
 
 def machine_for(trace: Trace, board: str | None = None, p2m: str | None = None, ram: str | None = None) -> Machine:
@@ -372,54 +528,30 @@ def machine_for(trace: Trace, board: str | None = None, p2m: str | None = None, 
 def replay_fresh(source: str | Path, board: str | None = None, p2m: str | None = None,
                  ram: str | None = None, name: str | None = None, progress: bool = False) -> ReplayResult:
     """Replay a trace (a path, or trace text when ``source`` is a str holding a newline or a request)
-    on a fresh machine built from its header; what the ``replay`` fixture and .qtrace items use."""
-    if isinstance(source, Path) or ("\n" not in source and (Path(source).is_file() or "/" in source
-                                                             or source.endswith((".qtrace", ".log")))):
-        name = name or str(source)
-        text = Path(source).read_text(encoding="utf-8", errors="replace")
-    else:
-        text, name = source, name or "<string>"
+    on a fresh machine built from its header; what the ``replay`` fixture and .qtrace items use.
+    A trace that cannot be read or asks for a machine that cannot be built is a status-2 result."""
+    from vmm.board import BoardError
     try:
-        trace = parse(text, name)
+        if isinstance(source, Path) or ("\n" not in source and (Path(source).is_file() or "/" in source
+                                                                 or source.endswith((".qtrace", ".log")))):
+            trace = read_trace(source)
+            if name:
+                trace.name = name
+        else:
+            trace = _trace_of_text(source, name or "<string>")
     except TraceError as e:
         return _error_result(e)
-    m = machine_for(trace, board, p2m, ram)
+    except OSError as e:
+        return ReplayResult(False, EXIT_ERROR, str(source), None, f"{source}: cannot read: {e.strerror or e}")
+    try:
+        m = machine_for(trace, board, p2m, ram)
+    except (BoardError, OSError, ValueError) as e:         # a header asking for an unbuildable machine
+        return ReplayResult(False, EXIT_ERROR, trace.name, 0, f"{trace.name}: {e}")
     try:
         return replay_trace(m, trace, progress)
     finally:
         m.close()
 
 
-def main_replay(args) -> int:
-    """``vmm replay TRACE [--board B] [--p2m P] [--json]``.
-
-    Options given on the command line win over the trace header; ``--board rcar-virt`` is also the
-    default, so a header naming another board is followed unless the option names one too.
-    """
-    try:
-        trace = read_trace(args.trace)
-    except OSError as e:
-        return _report(args, ReplayResult(False, EXIT_ERROR, args.trace, None,
-                                          f"{args.trace}: cannot read: {e.strerror or e}"))
-    except TraceError as e:
-        return _report(args, _error_result(e))
-    board = args.board if args.board != "rcar-virt" else None
-    m = machine_for(trace, board, args.p2m)
-    try:
-        result = replay_trace(m, trace, progress=not args.json and sys.stderr.isatty())
-    finally:
-        m.close()
-    return _report(args, result)
-
-
-def _report(args, result: ReplayResult) -> int:
-    if getattr(args, "json", False):
-        print(json.dumps(result.as_dict()))
-    elif result.ok:
-        c = result.counts
-        extra = f", debug exit {result.exit_status}" if result.exit_status is not None else ""
-        print(f"{result.trace}: ok: {c['requests']} requests, {c['expectations']} expectations held, "
-              f"{c['irq_edges']} IRQ edges{extra} ({result.seconds:.3f} s)")
-    else:
-        print(result.message, file=sys.stderr)
-    return result.status
+__all__ = ["ReplayResult", "check_header", "machine_for", "read_header", "read_trace", "replay_file",
+           "replay_fresh", "replay_text", "replay_trace"]
