@@ -23,7 +23,7 @@ demo: setup guests
 	$(BIN)/vmm run
 
 test: setup guests
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(if $(filter-out 1,$(shell nproc)),-n auto)
 
 bench: setup guests
 	$(BIN)/python bench/mmio.py

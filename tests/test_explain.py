@@ -91,3 +91,43 @@ def test_unprotected_and_isolation_refusals_are_explained():
         e = m.faults()[-1]
         assert e["iommu"].startswith("no IOMMU") and e["status"] == 8
         assert "owned by the hypervisor" in e["reason"]
+
+
+def _vmm(*args: str):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "vmm", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_explains_faults_of_a_run_and_a_replay(tmp_path):
+    run = _vmm("run", "ipmmu_linux", "--backend", "emulated", "--explain-faults")
+    assert run.returncode == 0, run.stderr
+    faults = [ln for ln in run.stderr.splitlines() if ln.startswith("fault: ")]
+    assert faults[0].startswith("fault: dma0 write at 0x10200040 via ipmmu_mm context 1 (stage 1;")
+    assert "  stage 1 level 3: " in run.stderr and "-> permission fault" in run.stderr
+    js = _vmm("run", "ipmmu_linux", "--backend", "emulated", "--json")
+    import json
+    summary = json.loads(js.stdout.strip().splitlines()[-1])
+    assert summary["fault_count"] == len(faults) and summary["faults"][0]["iova"] == "0x10200040"
+    assert summary["isolation_crossings"] == {}
+    rep = _vmm("replay", "tests/traces/ipmmu_xen.qtrace", "--explain-faults")
+    assert rep.returncode == 0, rep.stderr
+    assert "tests/traces/ipmmu_xen.qtrace: fault: dma0 read at 0xb000000 via ipmmu_mm context 1 (stage 2;" \
+        in rep.stderr
+    assert "  stage 2 level 2: " in rep.stderr
+
+
+def test_vmm_info_board_shows_the_map_and_topology():
+    import json
+    text = _vmm("info", "--board", "rcar-virt")
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert "  0000000000000000-0000000007ffffff ram (dom0, direct-mapped)" in lines
+    assert "  00000000e67b0000-00000000e67b0fff ipmmu_mm: ipmmu, irq 0" in lines
+    assert "  000000000a000000-000000000a0001ff virtio0: virtio-mmio [virtio-iommu], irq 16" in lines
+    assert "  dma0     (dma, domain dom0) -> ipmmu_ds1 uTLB 32" in lines
+    assert "  dma3     (dma, domain dom0) behind no IOMMU (bypass)  <-- UNPROTECTED" in lines
+    data = json.loads(_vmm("info", "--board", "rcar-virt", "--ram", "256M", "--json").stdout)
+    assert data["ram"][1] == {"domain": "dom0", "gpa": 1 << 32, "size": (256 << 20) - 0x0A000000, "direct": True}
+    assert [m["name"] for m in data["masters"] if m["iommu"] is None] == ["dma3"]
+    assert {"name": "debug-exit", "port": 0xF4, "size": 4} in data["pio"]

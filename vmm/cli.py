@@ -13,6 +13,8 @@ from vmm.backends import BackendUnavailable
 from vmm.board import BoardError, describe_types, list_boards
 from vmm.elfload import ImageError, load_image
 from vmm.images import available_images, find_image
+from vmm.logbudget import WarningBudget
+from vmm.registry import RegistryError
 
 EXIT_USAGE = 2
 TIMEOUT_MIN, TIMEOUT_MAX = 0.01, 86400.0     # below 10 ms no backend can stop a guest in time; a day at most
@@ -85,6 +87,8 @@ def cmd_run(args) -> int:
             return EXIT_USAGE
     image = find_image(args.image)       # an unknown payload name fails here, listing the known ones
     m = _machine(args)
+    if args.explain_faults:
+        m.fault_listeners.append(lambda e: print(e.text(), file=sys.stderr, flush=True))
     if not args.json:
         def echo(data: bytes) -> None:
             sys.stdout.buffer.write(data)
@@ -114,7 +118,9 @@ def cmd_run(args) -> int:
     sys.stdout.flush()
     if args.json:
         print(json.dumps({"status": result.status, "reason": result.reason, "backend": result.backend,
-                          "message": result.message, "console": result.console.decode("utf-8", "replace")}))
+                          "message": result.message, "console": result.console.decode("utf-8", "replace"),
+                          "fault_count": m.fault_count, "faults": m.faults(),
+                          "isolation_crossings": {f"{d} -> {o}": n for (d, o), n in m.crossings.items()}}))
     elif result.reason != "exit":
         print(f"vmm: {result.message}", file=sys.stderr)
     return result.status
@@ -135,11 +141,20 @@ def cmd_boards(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from vmm.board import load_board
-    from vmm.machine import ram_ranges
-    board = load_board(args.board)
-    img = load_image(find_image(args.image), ram_ranges(board.ram))
-    print(img.describe())
+    """``vmm info IMAGE``: what the loader sees in an ELF; ``vmm info --board B``: the machine's
+    address map and DMA topology (QEMU's ``info mtree``), ``--json`` for tools."""
+    if args.image is not None:
+        from vmm.board import load_board
+        from vmm.machine import ram_ranges
+        board = load_board(args.board)
+        img = load_image(find_image(args.image), ram_ranges(board.ram))
+        print(img.describe())
+        return 0
+    from vmm.machine import Machine
+    from vmm.mapinfo import format_map, machine_map
+    with Machine.from_board(args.board, p2m=args.p2m, ram=args.ram, cpu=False, quiet=True) as m:
+        info = machine_map(m)
+    print(json.dumps(info, indent=1) if args.json else format_map(info))
     return 0
 
 
@@ -162,6 +177,8 @@ def parser() -> argparse.ArgumentParser:
                         "(0: no limit; default 10)")
     r.add_argument("--record", metavar="TRACE", help="write a replayable qtest-language trace of the run")
     r.add_argument("--json", action="store_true", help="print a JSON summary instead of streaming the console")
+    r.add_argument("--explain-faults", action="store_true",
+                   help="print every DMA fault to stderr with the walk that failed, level by level")
     r.set_defaults(func=cmd_run)
 
     t = sub.add_parser("replay", help="replay qtest-language MMIO traces with no CPU", epilog=REPLAY_STATUSES,
@@ -178,15 +195,21 @@ def parser() -> argparse.ArgumentParser:
                    help="replay in N worker processes, each building its own machines (0: one per CPU)")
     t.add_argument("--junit", metavar="FILE", help="also write a JUnit XML report (one testcase per trace)")
     t.add_argument("--json", action="store_true", help="print one JSON summary line per trace (and a total)")
+    t.add_argument("--explain-faults", action="store_true",
+                   help="print every DMA fault to stderr with the walk that failed, level by level")
     t.set_defaults(func=cmd_replay)
 
     b = sub.add_parser("boards", help="list boards")
     b.add_argument("--types", action="store_true", help="list every registered device type with its board keys")
     b.set_defaults(func=cmd_boards)
 
-    i = sub.add_parser("info", help="show what the loader sees in an ELF")
-    i.add_argument("image")
+    i = sub.add_parser("info", help="what the loader sees in an ELF, or (no IMAGE) the board's map and DMA "
+                       "topology")
+    i.add_argument("image", nargs="?", default=None)
     i.add_argument("--board", default="rcar-virt")
+    i.add_argument("--p2m", choices=["direct", "scattered"], default=None)
+    i.add_argument("--ram", default=None, help="guest RAM size, e.g. 256M")
+    i.add_argument("--json", action="store_true", help="the map as JSON")
     i.set_defaults(func=cmd_info)
     return p
 
@@ -194,16 +217,25 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="vmm: %(message)s")
+    budget = WarningBudget()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(budget)
     if args.cmd == "run":
         logging.getLogger("vmm").setLevel(logging.INFO)
     try:
         return args.func(args)
-    except (ImageError, BoardError, BackendUnavailable) as e:
+    except (ImageError, BoardError, BackendUnavailable, RegistryError) as e:
         print(f"vmm: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("vmm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:                 # `vmm boards --types | head`
+        sys.stderr.close()
+        return 0
+    finally:
+        for line in budget.summary():
+            print(f"vmm: {line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

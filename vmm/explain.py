@@ -62,14 +62,20 @@ class FaultExplanation:
                 "status": self.status, "context": self.context, "reason": self.reason, "walk": self.steps}
 
     def text(self) -> str:
-        head = (f"fault: {self.master or '?'} {self.access} at {self.iova:#x} via {self.iommu}"
-                f"{' ' + self.context if self.context else ''}: {self.reason} (STATUS {self.status})")
-        lines = [head]
-        for s in self.steps:
-            desc = "unreadable" if s["descriptor"] is None else s["descriptor"]
-            lines.append(f"  stage {s['stage']} level {s['level']}: table {s['table']} [{s['index']}] "
-                         f"@ {s['address']} = {desc} {s['fields']}  -> {s['verdict']}")
-        return "\n".join(lines)
+        return format_fault(self.as_dict())
+
+
+def format_fault(d: dict[str, Any]) -> str:
+    """An explanation (as ``FaultExplanation.as_dict`` gives it) as lines for a terminal."""
+    head = (f"fault: {d['master'] or '?'} {d['access']} at {d['iova']} via {d['iommu']}"
+            f"{' ' + d['context'] if d['context'] else ''}: {d['reason']} (STATUS {d['status']})")
+    lines = [head]
+    for s in d["walk"]:
+        desc = "unreadable" if s["descriptor"] is None else s["descriptor"]
+        fields = ", ".join(f"{k} {v}" for k, v in s["fields"].items())
+        lines.append(f"  stage {s['stage']} level {s['level']}: table {s['table']}[{s['index']}] "
+                     f"@ {s['address']} = {desc} ({fields}) -> {s['verdict']}")
+    return "\n".join(lines)
 
 
 def _verdict(step: Step, is_last: bool, fault: Fault | None, stage2: bool) -> str:

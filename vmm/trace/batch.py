@@ -17,6 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from vmm.explain import format_fault
 from vmm.trace.language import EXIT_ERROR, EXIT_MISMATCH, EXIT_OK, Trace, TraceError, read_trace
 from vmm.trace.replay import ReplayResult, machine_for, replay_trace
 
@@ -63,7 +64,7 @@ def replay_path(path: str, opts: Options) -> ReplayResult:
     if why is not None:
         return ReplayResult(False, EXIT_ERROR, path, None, why, seconds=time.perf_counter() - t0)
     try:
-        result = replay_trace(m, trace, progress=opts.progress)
+        result = replay_trace(m, trace, progress=opts.progress).observe(m)
     finally:
         m.close()
     result.seconds = time.perf_counter() - t0
@@ -153,6 +154,9 @@ def main_replay(args) -> int:
     results: list[ReplayResult] = []
     for r in replay_paths(paths, opts, jobs):
         results.append(r)
+        if args.explain_faults:
+            for f in r.faults:
+                print(f"{r.trace}: {format_fault(f)}", file=sys.stderr)
         if args.json:
             print(json.dumps(r.as_dict()), flush=True)
         elif r.ok:

@@ -72,6 +72,14 @@ class ReplayResult:
     counts: dict[str, int] = field(default_factory=dict)
     exit_status: int | None = None        # value written to the debug-exit port, if any
     seconds: float = 0.0
+    faults: list[dict] = field(default_factory=list)             # explained DMA faults (the latest 256)
+    crossings: dict[str, int] = field(default_factory=dict)      # isolation watchdog: "device -> owner": n
+
+    def observe(self, machine: Machine) -> ReplayResult:
+        """Take the machine's fault explanations and isolation crossings into the result."""
+        self.faults = machine.faults()
+        self.crossings = {f"{dev} -> {owner}": n for (dev, owner), n in machine.crossings.items()}
+        return self
 
     def __bool__(self) -> bool:
         return self.ok
@@ -79,7 +87,7 @@ class ReplayResult:
     def as_dict(self) -> dict:
         return {"ok": self.ok, "status": self.status, "trace": self.trace, "line": self.line,
                 "message": self.message, "counts": self.counts, "exit_status": self.exit_status,
-                "seconds": round(self.seconds, 6)}
+                "seconds": round(self.seconds, 6), "faults": self.faults, "isolation_crossings": self.crossings}
 
 
 class _Clock:
@@ -522,7 +530,7 @@ def machine_for(trace: Trace, board: str | None = None, p2m: str | None = None, 
     from vmm.machine import Machine
     h = trace.header
     return Machine.from_board(board or h.get("board") or "rcar-virt", p2m=p2m or h.get("p2m"),
-                              ram=ram or h.get("ram"))
+                              ram=ram or h.get("ram"), cpu=False)
 
 
 def replay_fresh(source: str | Path, board: str | None = None, p2m: str | None = None,
@@ -548,7 +556,7 @@ def replay_fresh(source: str | Path, board: str | None = None, p2m: str | None =
     except (BoardError, OSError, ValueError) as e:         # a header asking for an unbuildable machine
         return ReplayResult(False, EXIT_ERROR, trace.name, 0, f"{trace.name}: {e}")
     try:
-        return replay_trace(m, trace, progress)
+        return replay_trace(m, trace, progress).observe(m)
     finally:
         m.close()
 
