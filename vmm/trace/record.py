@@ -31,8 +31,11 @@ def resident_pages(machine: Machine, domain: str = "dom0") -> list[int]:
     Untouched pages are zero and, if read, would be allocated; comparing or scanning only these
     keeps a 128 MiB guest from costing 128 MiB of memory.
     """
+    dom = machine.domains[domain]
+    if dom.ram is None:
+        return _resident_through_p2m(machine, dom)
     pages: list[int] = []
-    for r in machine.domains[domain].ram.ranges:
+    for r in dom.ram.ranges:
         n = r.size // PAGE
         vec = ctypes.create_string_buffer(n)
         if _libc.mincore(r.host, r.size, vec) != 0:
@@ -43,6 +46,23 @@ def resident_pages(machine: Machine, domain: str = "dom0") -> list[int]:
         while i >= 0:
             pages.append(r.gpa + i * PAGE)
             i = raw.find(1, i + 1)
+    return pages
+
+
+def _resident_through_p2m(machine: Machine, dom) -> list[int]:
+    """``resident_pages`` of a machine built without a CPU view: the guest pages whose machine
+    frames are resident in the memfd mapping."""
+    mem = machine.memory
+    vec = ctypes.create_string_buffer(mem.size // PAGE)
+    if _libc.mincore(mem.address, mem.size, vec) != 0:
+        resident = None
+    else:
+        resident = vec.raw.translate(_BIT0)
+    pages: list[int] = []
+    for gpa, size in dom.ram_ranges:
+        for i, mpa in enumerate(dom.p2m.lookup_pages(gpa, size // PAGE)):
+            if mpa is not None and (resident is None or resident[mpa // PAGE]):
+                pages.append(gpa + i * PAGE)
     return pages
 
 
