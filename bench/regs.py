@@ -1,0 +1,130 @@
+"""Cost of one register access, called straight on the four register-file devices.
+
+Times ``dev.read(off, size)`` / ``dev.write(off, size, value)`` on the IPMMU (root and a cache),
+a virtio-mmio transport, a dma engine and sysinfo of the default board, next to a floor: the
+same call on a trivial device that returns a constant. The harness's per-access cost above the
+bus is this call, so it shows whether the register declarations keep the access path at one
+table lookup.
+
+    PYTHONPATH=$PWD python bench/regs.py                   # this tree: ns per call, ratio to the floor
+    PYTHONPATH=$PWD python bench/regs.py --against REV     # and the devices/ of git REV, side by side
+
+With ``--against``, ``devices/`` of REV is exported to a temporary directory and measured in a
+child process (same board, same calls) right after this tree, so both columns come from one run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import timeit
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+NUMBER = 100_000
+REPEAT = 5
+
+# (label, device, offset, size, value); value None = a read
+CASES = [
+    ("sysinfo read FLAGS", "sysinfo", 0x20, 4, None),
+    ("sysinfo read RAM_SIZE (8)", "sysinfo", 0x08, 8, None),
+    ("sysinfo read RAM_SIZE high half", "sysinfo", 0x0C, 4, None),
+    ("dma read STATUS", "dma0", 0x20, 4, None),
+    ("dma read FAULT_ADDR (8)", "dma0", 0x28, 8, None),
+    ("dma write LEN", "dma0", 0x18, 4, 0x100),
+    ("dma write SRC high half", "dma0", 0x0C, 4, 0),
+    ("dma write IRQ_STATUS 0", "dma0", 0x34, 4, 0),
+    ("virtio read MagicValue", "virtio0", 0x000, 4, None),
+    ("virtio read Status", "virtio0", 0x070, 4, None),
+    ("virtio read QueueNum", "virtio0", 0x038, 4, None),
+    ("virtio read DeviceFeatures", "virtio0", 0x010, 4, None),
+    ("virtio write QueueSel", "virtio0", 0x030, 4, 0),
+    ("virtio write DeviceFeaturesSel", "virtio0", 0x014, 4, 1),
+    ("virtio read empty slot", "virtio1", 0x000, 4, None),
+    ("ipmmu root read IMCTR(0)", "ipmmu_mm", 0x000, 4, None),
+    ("ipmmu root write IMMAIR0(1)", "ipmmu_mm", 0x068, 4, 0x44),
+    ("ipmmu root write IMTTBCR(1)", "ipmmu_mm", 0x048, 4, 0x80000080),
+    ("ipmmu cache read IMSTR(1)", "ipmmu_ds1", 0x060, 4, None),
+    ("ipmmu cache read IMUCTR(32)", "ipmmu_ds1", 0x600, 4, None),
+    ("ipmmu cache write IMUASID(32)", "ipmmu_ds1", 0x608, 4, 0),
+    ("ipmmu read unnamed offset", "ipmmu_mm", 0x800, 4, None),
+]
+
+
+class Trivial:
+    def read(self, offset: int, size: int) -> int:
+        return 0x1234
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        pass
+
+
+def best_ns(fn) -> float:
+    return min(timeit.repeat(fn, number=NUMBER, repeat=REPEAT)) / NUMBER * 1e9
+
+
+def measure() -> dict[str, float]:
+    """ns per call for the floor and every case, on a fresh default board."""
+    from vmm import Machine
+    m = Machine.from_board("rcar-virt")
+    try:
+        t = Trivial()
+        out = {"floor read": best_ns(lambda: t.read(0x20, 4)),
+               "floor write": best_ns(lambda: t.write(0x20, 4, 0))}
+        for label, name, off, size, value in CASES:
+            dev = m.devices[name]
+            if value is None:
+                rd = dev.read
+                out[label] = best_ns(lambda rd=rd, off=off, size=size: rd(off, size))
+            else:
+                wr = dev.write
+                out[label] = best_ns(lambda wr=wr, off=off, size=size, value=value: wr(off, size, value))
+        return out
+    finally:
+        m.close()
+
+
+def measure_rev(rev: str) -> dict[str, float]:
+    """The same measurement with ``devices/`` taken from git ``rev`` (a child process)."""
+    with tempfile.TemporaryDirectory(prefix="iommu-lab-regs-") as tmp:
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "devices"],
+                                 check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([tmp, str(REPO)]))
+        child = subprocess.run([sys.executable, __file__, "--json"], env=env, check=True,
+                               capture_output=True, text=True)
+        return json.loads(child.stdout.splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--against", metavar="REV", help="also measure devices/ of this git revision")
+    ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    now = measure()
+    if args.json:
+        print(json.dumps(now))
+        return 0
+    old = measure_rev(args.against) if args.against else None
+    floor = {"r": now["floor read"], "w": now["floor write"]}
+    head = f"{'access':34} {'ns':>7} {'x floor':>8}"
+    if old:
+        head += f" {args.against[:10] + ' ns':>14} {'x floor':>8} {'new/old':>8}"
+    print(head)
+    for label in now:
+        kind = "w" if "write" in label else "r"
+        row = f"{label:34} {now[label]:7.0f} {now[label] / floor[kind]:8.2f}"
+        if old:
+            ofloor = old["floor write" if kind == "w" else "floor read"]
+            row += f" {old[label]:14.0f} {old[label] / ofloor:8.2f} {now[label] / old[label]:8.2f}"
+        print(row)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
