@@ -191,11 +191,11 @@ class Ipmmu:
                         self.name, size, what, offset)
 
     def _compile_decode(self) -> dict[int, tuple]:
-        """offset -> (register, its store, key in the store, context gate, bound write hook) for
-        every register this instance decodes: the declared behaviour bound to this instance,
-        so an access is one dict lookup. A root decodes its ``contexts``; a cache decodes all 8
-        and gates them on the root's count (its root is resolved lazily); uTLBs beyond
-        ``utlbs`` are absent (read 0, ignore writes)."""
+        """offset -> (write rule or None for a plain latch, the register's store, its key there,
+        context gate, bound write hook) for every register this instance decodes: the declared
+        behaviour bound to this instance, so an access is one dict lookup. A root decodes its
+        ``contexts``; a cache decodes all 8 and gates them on the root's count (its root is
+        resolved lazily); uTLBs beyond ``utlbs`` are absent (read 0, ignore writes)."""
         root = self.role == "root"
         decode: dict[int, tuple] = {}
         for offset, (block, idx, name) in DECODE.items():
@@ -211,7 +211,7 @@ class Ipmmu:
             else:
                 store, key = self.glob, name
             hook = bind(self, reg.on_write) if block == GLOBAL else bind(self, reg.on_write, idx)
-            decode[offset] = (reg, store, key, gate, hook)
+            decode[offset] = (None if reg.latch else reg.written, store, key, gate, hook)
         return decode
 
     def _read32(self, offset: int) -> int:
@@ -227,11 +227,11 @@ class Ipmmu:
         hit = self._decode.get(offset)
         if hit is None:
             return
-        reg, store, key, gate, hook = hit
+        apply, store, key, gate, hook = hit
         if gate >= 0 and gate >= self.root.nctx:
             return
         old = store[key]
-        store[key] = reg.written(old, value)
+        store[key] = value if apply is None else apply(old, value)
         if hook is not None:
             hook(old, value)
 

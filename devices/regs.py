@@ -120,6 +120,8 @@ class Reg:
         if self.wmask & ~ones or reset & ~ones or reset < 0:
             raise LayoutError(f"{name}: wmask or reset value wider than {width} bytes")
         self.reset = reset
+        # a plain latch stores what is written: the access paths skip ``written`` for it
+        self.latch = access in (RW, WO) and self.wmask == ones and not self.sc_mask
 
     def written(self, old: int, value: int) -> int:
         """What the register holds after ``value`` is written over ``old`` (before any hook)."""
@@ -243,12 +245,13 @@ class RegisterFile(dict):
         # One table per direction. A write-only register is absent from the read table (reads 0),
         # a read-only one without a hook from the write table (writes are dropped).
         self._rd: dict[tuple[int, int], tuple[str, int, int, Callable | None]] = {}
-        self._wr: dict[tuple[int, int], tuple[Reg, int, Callable | None]] = {}
+        self._wr: dict[tuple[int, int], tuple[str, int, int, Callable | None, Callable | None]] = {}
         for (offset, size), (reg, shift) in bank.accesses.items():
             if reg.access != WO:
                 self._rd[(offset, size)] = (reg.name, shift, (1 << (8 * size)) - 1, bind(owner, reg.on_read))
             if reg.access != RO or reg.on_write is not None:
-                self._wr[(offset, size)] = (reg, shift, bind(owner, reg.on_write))
+                apply = None if reg.latch else reg.written
+                self._wr[(offset, size)] = (reg.name, reg.width, shift, apply, bind(owner, reg.on_write))
 
     def reset(self) -> None:
         """Every register back to the value it was created with (a device reset)."""
@@ -267,11 +270,10 @@ class RegisterFile(dict):
         hit = self._wr.get((offset, size))
         if hit is None:
             return
-        reg, shift, hook = hit
-        name = reg.name
+        name, width, shift, apply, hook = hit
         old = self[name]
-        if size != reg.width:
+        if size != width:
             value = merge(old, value, shift, size)
-        self[name] = reg.written(old, value)
+        self[name] = value if apply is None else apply(old, value)
         if hook is not None:
             hook(old, value)
