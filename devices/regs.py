@@ -228,13 +228,24 @@ def merge(old: int, value: int, shift: int, access_size: int) -> int:
     return (old & ~mask) | ((value << shift) & mask)
 
 
+def _nothing(offset: int, size: int, value: int = 0) -> int:
+    return 0
+
+
 class RegisterFile(dict):
     """One device's registers of one bank: name -> value, and the bus face that applies the
-    declared behaviour. ``values`` override reset values (per-device constants)."""
+    declared behaviour. ``values`` override reset values (per-device constants). An access no
+    register claims goes to ``unmatched_read(offset, size)`` / ``unmatched_write(offset, size,
+    value)`` (owner method names: a region beyond the registers, like virtio's config space);
+    by default it reads 0 and a write is dropped.
 
-    __slots__ = ("bank", "_initial", "_rd", "_wr")
+    A device may hand ``read``/``write`` to the bus as they are: each access is one call, one
+    lookup (keyed ``size << 32 | offset``: offsets inside a window are below 4 GiB)."""
 
-    def __init__(self, bank: Bank, owner: object = None, **values: int) -> None:
+    __slots__ = ("bank", "_initial", "_rd", "_wr", "_unmatched_read", "_unmatched_write")
+
+    def __init__(self, bank: Bank, owner: object = None, *, unmatched_read: Hook = None,
+                 unmatched_write: Hook = None, **values: int) -> None:
         super().__init__((reg.name, reg.reset) for reg in bank)
         for name, value in values.items():
             if name not in bank:
@@ -242,16 +253,27 @@ class RegisterFile(dict):
             self[name] = value
         self.bank = bank
         self._initial = dict(self)
-        # One table per direction. A write-only register is absent from the read table (reads 0),
-        # a read-only one without a hook from the write table (writes are dropped).
-        self._rd: dict[tuple[int, int], tuple[str, int, int, Callable | None]] = {}
-        self._wr: dict[tuple[int, int], tuple[str, int, int, Callable | None, Callable | None]] = {}
+        self._unmatched_read = bind(owner, unmatched_read) or _nothing
+        self._unmatched_write = bind(owner, unmatched_write) or _nothing
+        # One table per direction; an entry is the cheapest thing that does the access: a plain
+        # register accessed whole is just its name, a read hook is the bound hook, the rest a
+        # tuple. A write-only register is absent from the read table (reads 0), a read-only one
+        # without a hook from the write table (writes are dropped).
+        self._rd: dict[int, str | Callable | tuple] = {}
+        self._wr: dict[int, str | tuple] = {}
         for (offset, size), (reg, shift) in bank.accesses.items():
+            key = size << 32 | offset
+            hook = bind(owner, reg.on_read)
             if reg.access != WO:
-                self._rd[(offset, size)] = (reg.name, shift, (1 << (8 * size)) - 1, bind(owner, reg.on_read))
-            if reg.access != RO or reg.on_write is not None:
-                apply = None if reg.latch else reg.written
-                self._wr[(offset, size)] = (reg.name, reg.width, shift, apply, bind(owner, reg.on_write))
+                if size == reg.width:
+                    self._rd[key] = reg.name if hook is None else hook
+                else:
+                    self._rd[key] = (reg.name, shift, (1 << (8 * size)) - 1, hook)
+            hook = bind(owner, reg.on_write)
+            if reg.latch and hook is None and size == reg.width:
+                self._wr[key] = reg.name
+            elif reg.access != RO or hook is not None:
+                self._wr[key] = (reg.name, reg.width, shift, None if reg.latch else reg.written, hook)
 
     def reset(self) -> None:
         """Every register back to the value it was created with (a device reset)."""
@@ -259,16 +281,24 @@ class RegisterFile(dict):
 
     def read(self, offset: int, size: int) -> int:
         """The bytes an access at (offset, size) sees; 0 for anything that is not a readable
-        register or register half."""
-        hit = self._rd.get((offset, size))
+        register or register half (unless ``unmatched_read`` says otherwise)."""
+        hit = self._rd.get(size << 32 | offset)
+        if hit.__class__ is str:                    # most reads: a register, whole
+            return self[hit]
         if hit is None:
-            return 0
-        name, shift, mask, hook = hit
-        return ((self[name] if hook is None else hook()) >> shift) & mask
+            return self._unmatched_read(offset, size)
+        if hit.__class__ is tuple:                  # half of an 8-byte register
+            name, shift, mask, hook = hit
+            return ((self[name] if hook is None else hook()) >> shift) & mask
+        return hit()                                # a register that mirrors device state
 
     def write(self, offset: int, size: int, value: int) -> None:
-        hit = self._wr.get((offset, size))
+        hit = self._wr.get(size << 32 | offset)
+        if hit.__class__ is str:                    # a plain latch, written whole
+            self[hit] = value
+            return
         if hit is None:
+            self._unmatched_write(offset, size, value)
             return
         name, width, shift, apply, hook = hit
         old = self[name]

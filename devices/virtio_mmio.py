@@ -157,7 +157,9 @@ class VirtioMmio:
         self.irq = irq
         self.mem = mem
         self.queues = [SplitQueue(i, n) for i, n in enumerate(backend.queue_sizes)]
-        self.regs = RegisterFile(LAYOUT, self)
+        self.regs = RegisterFile(LAYOUT, self, unmatched_read="_config_read", unmatched_write="_config_write")
+        self.read = self.regs.read            # the bus face is the register file's: one call per access
+        self.write = self.regs.write
         self.driver_features = 0            # all 64 bits, as DriverFeatures(Sel) assembled them
         self.needs_reset_reasons: list[str] = []
         backend.attach(self)
@@ -198,20 +200,15 @@ class VirtioMmio:
         self.mem.flush()
         self.backend.reset()
 
-    # -- bus face ------------------------------------------------------------------------------
-    def read(self, offset: int, size: int) -> int:
-        if offset >= CONFIG_OFFSET:
-            if size not in (1, 2, 4, 8):
-                return 0
-            return self.backend.config_read(offset - CONFIG_OFFSET, size)
-        return self.regs.read(offset, size)
+    # -- bus face: ``read``/``write`` are the register file's; what no register claims lands here
+    def _config_read(self, offset: int, size: int) -> int:
+        if offset < CONFIG_OFFSET or size not in (1, 2, 4, 8):
+            return 0
+        return self.backend.config_read(offset - CONFIG_OFFSET, size)
 
-    def write(self, offset: int, size: int, value: int) -> None:
-        if offset >= CONFIG_OFFSET:
-            if size in (1, 2, 4, 8):
-                self.backend.config_write(offset - CONFIG_OFFSET, size, value)
-            return
-        self.regs.write(offset, size, value)
+    def _config_write(self, offset: int, size: int, value: int) -> None:
+        if offset >= CONFIG_OFFSET and size in (1, 2, 4, 8):
+            self.backend.config_write(offset - CONFIG_OFFSET, size, value)
 
     # -- register hooks (named in LAYOUT) ---------------------------------------------------------
     def _device_id(self) -> int:
