@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import construct as cs
 
-from devices.regs import RegisterMap, merge
+from devices.regs import RO, W1C, Bank, Reg, RegisterFile
 from vmm.dma import STATUS_BAD_LENGTH, STATUS_OK, DeviceMemory, DmaFault
 from vmm.irq import IrqLine
 from vmm.registry import DeviceType, Key
 
 ID_VALUE = 0x31414D44   # "DMA1"
 MAX_LEN = 1 << 20
-CTRL_RUN = 1 << 0
-CTRL_IRQ = 1 << 1
 
-LAYOUT = RegisterMap(cs.Struct(
+LAYOUT = Bank(cs.Struct(
     "ID" / cs.Int32ul,
     "_pad0" / cs.Padding(4),
     "SRC" / cs.Int64ul,
@@ -31,8 +29,21 @@ LAYOUT = RegisterMap(cs.Struct(
     "FAULT_ADDR" / cs.Int64ul,
     "MASTER_ID" / cs.Int32ul,
     "IRQ_STATUS" / cs.Int32ul,
-))
-WRITABLE = {"SRC", "DST", "LEN"}
+), [
+    Reg("ID", 0x00, access=RO, reset=ID_VALUE, doc='"DMA1"'),
+    Reg("SRC", 0x08, width=8, doc="IOVA to read from"),
+    Reg("DST", 0x10, width=8, doc="IOVA to write to"),
+    Reg("LEN", 0x18, doc="bytes, 1 .. 1 MiB"),
+    Reg("CTRL", 0x1C, fields={"RUN": 0, "IRQ": 1}, wmask=0b11, self_clearing=["RUN"],
+        on_write="_ctrl_written", doc="RUN: copy now, synchronously; IRQ: raise the IRQ when done"),
+    Reg("STATUS", 0x20, access=RO, doc="0 done/idle, else a vmm.dma STATUS_* code"),
+    Reg("FAULT_ADDR", 0x28, width=8, access=RO, doc="first failing IOVA"),
+    Reg("MASTER_ID", 0x30, access=RO, doc="uTLB or endpoint ID"),
+    Reg("IRQ_STATUS", 0x34, access=W1C, fields={"RAISED": 0}, wmask=0b1, on_write="_irq_acked",
+        doc="set when the IRQ is raised; write 1 to clear and lower it"),
+], "dma engine")
+CTRL = LAYOUT["CTRL"]
+IRQ_STATUS = LAYOUT["IRQ_STATUS"]
 
 
 class DmaEngine:
@@ -41,27 +52,17 @@ class DmaEngine:
     def __init__(self, port: DeviceMemory, irq: IrqLine, master_id: int) -> None:
         self.port = port
         self.irq = irq
-        self.regs = {name: 0 for name in LAYOUT.fields}
-        self.regs["ID"] = ID_VALUE
-        self.regs["MASTER_ID"] = master_id
+        self.regs = RegisterFile(LAYOUT, self, MASTER_ID=master_id)
+        self.read = self.regs.read            # the bus face is the register file's: one call per access
+        self.write = self.regs.write
         self.copies = 0
 
-    def read(self, offset: int, size: int) -> int:
-        return LAYOUT.read(self.regs, offset, size)
+    def _ctrl_written(self, old: int, value: int) -> None:
+        if CTRL.RUN(value):
+            self.run(bool(CTRL.IRQ(value)))
 
-    def write(self, offset: int, size: int, value: int) -> None:
-        hit = LAYOUT.decode.get((offset, size))
-        if hit is None:
-            return
-        name, shift, _ = hit
-        if name in WRITABLE:
-            self.regs[name] = merge(self.regs[name], value, shift, size)
-        elif name == "CTRL":
-            self.regs["CTRL"] = value & (CTRL_RUN | CTRL_IRQ)
-            if value & CTRL_RUN:
-                self.run(bool(value & CTRL_IRQ))
-        elif name == "IRQ_STATUS" and value & 1:
-            self.regs["IRQ_STATUS"] = 0
+    def _irq_acked(self, old: int, value: int) -> None:
+        if IRQ_STATUS.RAISED(value):
             self.irq.lower()
 
     def run(self, irq: bool) -> None:
@@ -82,9 +83,8 @@ class DmaEngine:
                 self.copies += 1
         self.regs["STATUS"] = status
         self.regs["FAULT_ADDR"] = fault_addr
-        self.regs["CTRL"] &= ~CTRL_RUN
         if irq:
-            self.regs["IRQ_STATUS"] = 1
+            self.regs["IRQ_STATUS"] = IRQ_STATUS.RAISED.mask
             self.irq.raise_()
 
 

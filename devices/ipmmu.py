@@ -42,31 +42,26 @@ from devices.ipmmu_regs import (
     ERRCODE_NONE,
     ERRCODE_SECURE_ACCESS,
     ERRCODE_TLB_FORMAT,
+    GLOBAL,
     GLOBAL_REGS,
-    IMCTR_FLUSH,
-    IMCTR_INTEN,
-    IMCTR_MMUEN,
-    IMCTR_VA64,
-    IMSAUXCTLR_S2PTE,
-    IMSTR_ABORT,
+    IMCTR,
+    IMSAUXCTLR,
+    IMSTR,
     IMSTR_ERR_MASK,
-    IMSTR_ERRCODE_SHIFT,
-    IMSTR_ERRLVL_SHIFT,
-    IMSTR_PF,
-    IMSTR_TF,
-    IMTTBCR_EAE,
-    IMTTBCR_PMB,
-    IMTTBCR_SL0_SHIFT,
-    IMUCTR_FLUSH,
-    IMUCTR_MMUEN,
-    IMUCTR_TTSEL_SHIFT,
+    IMTTBCR,
+    IMTTLBR0,
+    IMTTUBR0,
+    IMUCTR,
     MAX_CONTEXTS,
     MAX_UTLBS,
+    REGS,
     RESET,
     UTLB,
+    UTLB_REGS,
     WINDOW,
 )
 from devices.ipmmu_regs import CTX_REGS as _CTX_REGS
+from devices.regs import bind
 from vmm.dma import STATUS_PERMISSION, STATUS_TRANSLATION, DmaFault, Refuse, Runs
 from vmm.explain import FaultExplanation, explain_walk
 from vmm.registry import DeviceType, Key
@@ -103,12 +98,12 @@ S2_START_LEVEL = {0: 2, 1: 1, 2: 0}
 # naming an address above 40 bits) is treated as a reserved descriptor; ACCESS_FLAG cannot happen
 # (AF is never checked) but is mapped like a format error to be total.
 FAULT_MAP: dict[int, tuple[int, int, int]] = {
-    TRANSLATION: (IMSTR_TF, ERRCODE_TLB_FORMAT, STATUS_TRANSLATION),
-    ADDRESS_SIZE: (IMSTR_TF, ERRCODE_TLB_FORMAT, STATUS_TRANSLATION),
-    ACCESS_FLAG: (IMSTR_TF, ERRCODE_TLB_FORMAT, STATUS_TRANSLATION),
-    PERMISSION: (IMSTR_PF, ERRCODE_ACCESS_PERM, STATUS_PERMISSION),
-    NS: (IMSTR_PF, ERRCODE_SECURE_ACCESS, STATUS_PERMISSION),
-    WALK_ABORT: (IMSTR_ABORT, ERRCODE_NONE, STATUS_TRANSLATION),
+    TRANSLATION: (IMSTR.TF.mask, ERRCODE_TLB_FORMAT, STATUS_TRANSLATION),
+    ADDRESS_SIZE: (IMSTR.TF.mask, ERRCODE_TLB_FORMAT, STATUS_TRANSLATION),
+    ACCESS_FLAG: (IMSTR.TF.mask, ERRCODE_TLB_FORMAT, STATUS_TRANSLATION),
+    PERMISSION: (IMSTR.PF.mask, ERRCODE_ACCESS_PERM, STATUS_PERMISSION),
+    NS: (IMSTR.PF.mask, ERRCODE_SECURE_ACCESS, STATUS_PERMISSION),
+    WALK_ABORT: (IMSTR.ABORT.mask, ERRCODE_NONE, STATUS_TRANSLATION),
 }
 
 
@@ -147,10 +142,12 @@ class Ipmmu:
         self._root_name = root_name
         self._resolve = resolve
         self._root: Ipmmu | None = self if role == "root" else None
+        # register state: a dict per context, a list per uTLB register, a dict of the rest
         self.ctx: list[dict[str, int]] = [{n: RESET[n] for n in _CTX_REGS} for _ in range(MAX_CONTEXTS)]
-        self.imuctr: list[int] = [RESET["IMUCTR"]] * MAX_UTLBS
-        self.imuasid: list[int] = [RESET["IMUASID"]] * MAX_UTLBS
+        self.utlb: dict[str, list[int]] = {n: [RESET[n]] * MAX_UTLBS for n in UTLB_REGS}
+        self.imuctr: list[int] = self.utlb["IMUCTR"]          # what the translators read
         self.glob: dict[str, int] = {n: RESET[n] for n in GLOBAL_REGS}
+        self._decode = self._compile_decode()
         self._narrow_logged: set[int] = set()
         # root only: walker context per IPMMU context, compiled modes, last stage given to the walker
         self.wctx: list[int] = []
@@ -201,76 +198,83 @@ class Ipmmu:
             log.warning("%s: %d-byte %s at offset %#x ignored (IPMMU registers are 32-bit)",
                         self.name, size, what, offset)
 
+    def _compile_decode(self) -> dict[int, tuple]:
+        """offset -> (write rule or None for a plain latch, the register's store, its key there,
+        context gate, bound write hook) for every register this instance decodes: the declared
+        behaviour bound to this instance, so an access is one dict lookup. A root decodes its
+        ``contexts``; a cache decodes all 8 and gates them on the root's count (its root is
+        resolved lazily); uTLBs beyond ``utlbs`` are absent (read 0, ignore writes)."""
+        root = self.role == "root"
+        decode: dict[int, tuple] = {}
+        for offset, (block, idx, name) in DECODE.items():
+            reg, gate = REGS[name], -1
+            if block == CTX:
+                if root and idx >= self.nctx:
+                    continue
+                store, key, gate = self.ctx[idx], name, (-1 if root else idx)
+            elif block == UTLB:
+                if idx >= self.nutlbs:
+                    continue
+                store, key = self.utlb[name], idx
+            else:
+                store, key = self.glob, name
+            hook = bind(self, reg.on_write) if block == GLOBAL else bind(self, reg.on_write, idx)
+            decode[offset] = (None if reg.latch else reg.written, store, key, gate, hook)
+        return decode
+
     def _read32(self, offset: int) -> int:
-        hit = DECODE.get(offset)
+        hit = self._decode.get(offset)
         if hit is None:
             return 0
-        block, idx, name = hit
-        if block == CTX:
-            return self.ctx[idx][name] if idx < self.nctx_visible else 0
-        if block == UTLB:
-            if idx >= self.nutlbs:
-                return 0
-            return self.imuctr[idx] if name == "IMUCTR" else self.imuasid[idx]
-        return self.glob[name]
-
-    @property
-    def nctx_visible(self) -> int:
-        """Context register blocks this instance decodes: the root's count (ids are global)."""
-        return self.nctx if self.role == "root" else self.root.nctx
+        _, store, key, gate, _ = hit
+        if gate >= 0 and gate >= self.root.nctx:
+            return 0
+        return store[key]
 
     def _write32(self, offset: int, value: int) -> None:
-        hit = DECODE.get(offset)
-        if hit is None or not 0 <= offset < WINDOW:
+        hit = self._decode.get(offset)
+        if hit is None:
             return
-        block, idx, name = hit
-        if block == CTX:
-            if idx < self.nctx_visible:
-                self._write_ctx(idx, name, value)
-        elif block == UTLB:
-            if idx < self.nutlbs:
-                if name == "IMUCTR":
-                    self._write_imuctr(idx, value)
-                else:
-                    self.imuasid[idx] = value
-        else:
-            self.glob[name] = value
-            if name == "IMSAUXCTLR" and self.role == "root":
-                self.modes = [None] * MAX_CONTEXTS      # S2PTE changes every stage-2 context's decoding
+        apply, store, key, gate, hook = hit
+        if gate >= 0 and gate >= self.root.nctx:
+            return
+        old = store[key]
+        store[key] = value if apply is None else apply(old, value)
+        if hook is not None:
+            hook(old, value)
 
-    def _write_ctx(self, c: int, name: str, value: int) -> None:
+    # -- write hooks (named in devices.ipmmu_regs) -------------------------------------------------
+    def _imctr_written(self, c: int, old: int, value: int) -> None:
+        if IMCTR.FLUSH(value):                         # FLUSH completes synchronously: reads 0
+            self.root.flush_context(c)
+        if self.role == "root":
+            self.modes[c] = None
+            self._update_irq()
+
+    def _imstr_written(self, c: int, old: int, value: int) -> None:
+        # Once no fault bit remains the record (ERRCODE, ERRLVL, IMELAR/IMEUAR) is gone, as the
+        # drivers' comment describes.
         regs = self.ctx[c]
-        if name == "IMCTR":
-            regs["IMCTR"] = value & ~IMCTR_FLUSH       # FLUSH completes synchronously: reads 0
-            root = self.root
-            if value & IMCTR_FLUSH:
-                root.flush_context(c)
-            if self.role == "root":
-                self.modes[c] = None
-                self._update_irq()
-        elif name == "IMSTR":
-            # write-0-to-clear; the hardware alone sets bits. Once no fault bit remains the record
-            # (ERRCODE, ERRLVL, IMELAR/IMEUAR) is gone, as the drivers' comment describes.
-            regs["IMSTR"] &= value
-            if not regs["IMSTR"] & IMSTR_ERR_MASK:
-                regs["IMSTR"] = regs["IMELAR"] = regs["IMEUAR"] = 0
-            if self.role == "root":
-                self._update_irq()
-        elif name in ("IMELAR", "IMEUAR"):
-            pass                                       # owned by the fault recorder
-        else:
-            regs[name] = value
-            if self.role == "root" and name in ("IMTTBCR", "IMTTLBR0", "IMTTUBR0"):
-                self.modes[c] = None
+        if not regs["IMSTR"] & IMSTR_ERR_MASK:
+            regs["IMSTR"] = regs["IMELAR"] = regs["IMEUAR"] = 0
+        if self.role == "root":
+            self._update_irq()
 
-    def _write_imuctr(self, u: int, value: int) -> None:
-        old = self.imuctr[u]
-        self.imuctr[u] = value & ~IMUCTR_FLUSH
-        if value & IMUCTR_FLUSH:
+    def _walk_changed(self, c: int, old: int, value: int) -> None:
+        """IMTTBCR or TTBR0: the context's compiled mode is stale."""
+        if self.role == "root":
+            self.modes[c] = None
+
+    def _s2pte_changed(self, old: int, value: int) -> None:
+        if self.role == "root":
+            self.modes = [None] * MAX_CONTEXTS          # S2PTE changes every stage-2 context's decoding
+
+    def _imuctr_written(self, u: int, old: int, value: int) -> None:
+        if IMUCTR.FLUSH(value):
             # the uTLB's cached entries belong to the context it pointed at (and now points at)
             root = self.root
             for v in (old, value):
-                root.flush_context((v >> IMUCTR_TTSEL_SHIFT) & 0xF)
+                root.flush_context(IMUCTR.TTSEL(v))
 
     # -- contexts (root) ---------------------------------------------------------------------------
     def flush_context(self, c: int) -> None:
@@ -279,7 +283,7 @@ class Ipmmu:
 
     def ttbr(self, c: int) -> int:
         regs = self.ctx[c]
-        return (regs["IMTTUBR0"] & 0xFF) << 32 | (regs["IMTTLBR0"] & 0xFFFFFFF0)
+        return IMTTUBR0.TTBR(regs["IMTTUBR0"]) << 32 | (regs["IMTTLBR0"] & IMTTLBR0.TTBR.mask)
 
     def p2m_changed(self, p2m, gpa: int, size: int) -> None:
         """A P2M changed: flush every context whose TTBR is its root (Xen's iommu_iotlb_flush)."""
@@ -291,18 +295,18 @@ class Ipmmu:
         """What context c does with an access, from its registers (section 10, request path)."""
         regs = self.ctx[c]
         ctr, tcr = regs["IMCTR"], regs["IMTTBCR"]
-        if not ctr & IMCTR_MMUEN:
+        if not IMCTR.MMUEN(ctr):
             return Mode(False, why="context disabled")
-        sl0 = (tcr >> IMTTBCR_SL0_SHIFT) & 3
-        if tcr & IMTTBCR_PMB:
-            if not ctr & IMCTR_VA64:
+        sl0 = IMTTBCR.SL0(tcr)
+        if IMTTBCR.PMB(tcr):
+            if not IMCTR.VA64(ctr):
                 return Mode(False, why="PMB (stage-2 mode) without IMCTR.VA64")
-            stage2, ia_bits, level = True, 64 - (tcr & 0x3F), S2_START_LEVEL.get(sl0)
-            flags = F_S2 if self.glob["IMSAUXCTLR"] & IMSAUXCTLR_S2PTE else 0
+            stage2, ia_bits, level = True, 64 - IMTTBCR.TSZ0(tcr), S2_START_LEVEL.get(sl0)
+            flags = F_S2 if IMSAUXCTLR.S2PTE(self.glob["IMSAUXCTLR"]) else 0
         else:
-            if not tcr & IMTTBCR_EAE:
+            if not IMTTBCR.EAE(tcr):
                 return Mode(False, why="IMTTBCR.EAE = 0 (short descriptors are not implemented)")
-            ia_bits = 64 - (tcr & 0x3F) if ctr & IMCTR_VA64 else 32 - (tcr & 0x7)
+            ia_bits = 64 - IMTTBCR.TSZ0(tcr) if IMCTR.VA64(ctr) else 32 - IMTTBCR.TSZ0_VA32(tcr)
             stage2, level, flags = False, S1_START_LEVEL.get(sl0), F_NS_CHECK
         if level is None:
             return Mode(False, why=f"reserved SL0 {sl0}")
@@ -325,7 +329,7 @@ class Ipmmu:
         if regs["IMSTR"] & IMSTR_ERR_MASK:
             regs["IMSTR"] |= bit
         else:
-            regs["IMSTR"] = bit | errcode << IMSTR_ERRCODE_SHIFT | (level & 3) << IMSTR_ERRLVL_SHIFT
+            regs["IMSTR"] = bit | IMSTR.ERRCODE.encode(errcode) | IMSTR.ERRLVL.encode(level)
             regs["IMELAR"] = address & 0xFFFFFFFF
             regs["IMEUAR"] = (address >> 32) & 0xFFFFFFFF
         self.faults += 1
@@ -333,7 +337,7 @@ class Ipmmu:
 
     def _update_irq(self) -> None:
         if self.irq is not None:
-            self.irq.set(any(regs["IMCTR"] & IMCTR_INTEN and regs["IMSTR"] & IMSTR_ERR_MASK
+            self.irq.set(any(IMCTR.INTEN(regs["IMCTR"]) and regs["IMSTR"] & IMSTR_ERR_MASK
                              for regs in self.ctx[:self.nctx]))
 
     # -- the request path (root) ---------------------------------------------------------------
@@ -341,9 +345,9 @@ class Ipmmu:
         """Translate one master access arriving on a uTLB whose IMUCTR is ``imuctr``."""
         if length <= 0:
             return []
-        if not imuctr & IMUCTR_MMUEN:
+        if not IMUCTR.MMUEN(imuctr):
             return [(iova, length)]                   # pass-through: machine address
-        c = (imuctr >> IMUCTR_TTSEL_SHIFT) & 0xF
+        c = IMUCTR.TTSEL(imuctr)
         if c >= self.nctx:
             raise DmaFault(STATUS_TRANSLATION, iova, f"TTSEL {c} names no context")
         mode = self.modes[c]
@@ -360,7 +364,7 @@ class Ipmmu:
         return self._walk(c, mode.wctx, iova, length, write)
 
     def _config_fault(self, c: int, address: int, why: str, write: bool) -> None:
-        self.record_fault(c, IMSTR_TF, ERRCODE_NONE, 0, address)
+        self.record_fault(c, IMSTR.TF.mask, ERRCODE_NONE, 0, address)
         expl = FaultExplanation(self.name, address, "write" if write else "read", STATUS_TRANSLATION,
                                 f"configuration fault (IMSTR.TF, ERRCODE 0, ERRLVL 0): {why}",
                                 context=f"context {c} ({self.describe_context(c)})")
@@ -377,7 +381,7 @@ class Ipmmu:
         stage2, stage = self._stages[c]
         steps, reason = explain_walk(self.memory, None if stage2 else stage, stage if stage2 else None,
                                      address, write)
-        kind = {IMSTR_TF: "TF", IMSTR_PF: "PF", IMSTR_ABORT: "ABORT"}.get(bit, hex(bit))
+        kind = {IMSTR.TF.mask: "TF", IMSTR.PF.mask: "PF", IMSTR.ABORT.mask: "ABORT"}.get(bit, hex(bit))
         return FaultExplanation(self.name, address, "write" if write else "read", status,
                                 f"{reason} (IMSTR.{kind}, ERRCODE {errcode}, ERRLVL {level & 3})",
                                 context=f"context {c} (stage {2 if stage2 else 1}; {self.describe_context(c)})",

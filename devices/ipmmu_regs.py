@@ -1,12 +1,16 @@
-"""IPMMU-VMSA (R-Car Gen3) register layout, declared once with ``construct``.
+"""IPMMU-VMSA (R-Car Gen3) registers, declared once with their behaviour.
 
-The declarations below are the single source of truth for offsets, bit fields, reset values and
-which instance (root IPMMU-MM, cache, or both) a register matters in (facts/ipmmu.md sections 1
-and 10). At import time they are compiled into two plain tables the access path uses:
+Offsets and widths are declared once, as ``construct`` layouts of the three kinds of block an
+instance's 0x1000 window holds: a context (repeated every 0x40 from 0), a uTLB (repeated at
+0x300 + 16u below 32 and 0x600 + 16(u - 32) from 32) and the instance-wide registers at their
+absolute offsets. Each register then gets a ``Reg`` declaration -- offset (checked against the
+layout at import), access, reset, fields, which instance it matters in (``holder``: root
+IPMMU-MM, cache or both; facts/ipmmu.md sections 1 and 10) and the ``Ipmmu`` method a write
+triggers. At import time they compile into the tables the access path uses:
 
 - ``DECODE``: 32-bit register offset -> ``(block, index, name)`` (block = ``CTX`` with a context
   number, ``UTLB`` with a uTLB number, or ``GLOBAL``), so an access is one dict lookup;
-- ``FIELDS``: register -> field -> ``(shift, width)``, from which the bit masks are derived.
+- ``FIELDS``, ``HOLDER``, ``RESET``, ``OFFSETS``: views of the declarations by register name.
 
 Every register resets to 0 (facts section 10); ``RESET`` keeps the declared value anyway so a
 change here is a change everywhere.
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 import construct as cs
 
-from devices.regs import RegisterMap
+from devices.regs import RO, W0C, Bank, Reg
 
 ROOT, CACHE, BOTH = "root", "cache", "both"
 CTX, UTLB, GLOBAL = "ctx", "utlb", "global"
@@ -28,131 +32,122 @@ MAX_CONTEXTS = 8               # Gen3: contexts stop at 8 * 0x40 = 0x200
 MAX_UTLBS = 64                 # 0x600 + 16 * 31 = 0x7F0 is the last slot the split leaves room for
 WINDOW = 0x1000
 
-
-def reg(where: str, doc: str, reset: int = 0) -> cs.Construct:
-    """One 32-bit register: its reset value and the instance it matters in, kept in its docs."""
-    return cs.Default(cs.Int32ul, reset) * f"{where}: {doc}"
+ERRCODE_NONE, ERRCODE_TLB_FORMAT, ERRCODE_ACCESS_PERM, ERRCODE_SECURE_ACCESS = 0, 1, 4, 5
 
 
-def bits(*fields: cs.Construct) -> cs.Construct:
-    """A little-endian 32-bit register's bit fields, most significant first (construct's order)."""
-    return cs.ByteSwapped(cs.BitStruct(*fields))
+def reg(name: str, offset: int, holder: str, doc: str, **kw) -> Reg:
+    """One 32-bit IPMMU register (all of them are): a read/write latch unless ``kw`` says more."""
+    return Reg(name, offset, doc=doc, holder=holder, **kw)
 
 
-def _res(n: int) -> cs.Construct:
-    return cs.BitsInteger(n)
+# -- a context (context n at n * 0x40) ------------------------------------------------------------
 
+IMCTR = reg("IMCTR", 0x00, BOTH, "context control; the cache copy latches and flushes but does not gate",
+            fields={"VA64": 29, "TRE": 17, "AFE": 16, "RTSEL": (4, 2), "TREN": 3, "INTEN": 2,
+                    "FLUSH": 1, "MMUEN": 0},
+            self_clearing=["FLUSH"], on_write="_imctr_written")
+IMCAAR = reg("IMCAAR", 0x04, ROOT, "cache area address (never used by the drivers)")
+IMTTBCR = reg("IMTTBCR", 0x08, ROOT, "translation table control",
+              fields={"EAE": 31, "PMB": 30, "SH1": (28, 2), "ORGN1": (26, 2), "IRGN1": (24, 2),
+                      "PGSZ": 23, "SCSZ": 22, "TSZ1": (16, 6), "SH0": (12, 2), "ORGN0": (10, 2),
+                      "IRGN0": (8, 2), "SL0": (6, 2), "TSZ0": (0, 6),
+                      "TSZ0_VA32": (0, 3)},          # the part of TSZ0 a 32-bit (VA64 = 0) context uses
+              on_write="_walk_changed")
+IMBUSCR = reg("IMBUSCR", 0x0C, ROOT, "bus control (Gen2 only)")
+IMTTLBR0 = reg("IMTTLBR0", 0x10, ROOT, "TTBR0[31:0] (bits [3:0] ignored)", fields={"TTBR": (4, 28)},
+               on_write="_walk_changed")
+IMTTUBR0 = reg("IMTTUBR0", 0x14, ROOT, "TTBR0[39:32] in [7:0]", fields={"TTBR": (0, 8)},
+               on_write="_walk_changed")
+IMTTLBR1 = reg("IMTTLBR1", 0x18, ROOT, "TTBR1[31:0] (unused by the model's walks)")
+IMTTUBR1 = reg("IMTTUBR1", 0x1C, ROOT, "TTBR1[39:32]")
+IMSTR = reg("IMSTR", 0x20, ROOT, "fault status: write-0-to-clear; the hardware alone sets bits",
+            access=W0C, on_write="_imstr_written",
+            fields={"ERRLVL": (12, 2), "ERRCODE": (8, 3), "MHIT": 4, "ABORT": 2, "PF": 1, "TF": 0})
+IMMAIR0 = reg("IMMAIR0", 0x28, ROOT, "memory attributes 0..3 (latched; attributes do not change a DMA copy)")
+IMMAIR1 = reg("IMMAIR1", 0x2C, ROOT, "memory attributes 4..7")
+IMELAR = reg("IMELAR", 0x30, ROOT, "fault address [31:0], owned by the hardware", access=RO)
+IMEUAR = reg("IMEUAR", 0x34, ROOT, "fault address [63:32], owned by the hardware", access=RO)
 
-# -- blocks ---------------------------------------------------------------------------------------
-
-CONTEXT = cs.Struct(                       # context n at n * 0x40
-    "IMCTR" / reg(BOTH, "context control; the cache copy latches and flushes but does not gate"),
-    "IMCAAR" / reg(ROOT, "cache area address (never used by the drivers)"),
-    "IMTTBCR" / reg(ROOT, "translation table control"),
-    "IMBUSCR" / reg(ROOT, "bus control (Gen2 only)"),
-    "IMTTLBR0" / reg(ROOT, "TTBR0[31:0] (bits [3:0] ignored)"),
-    "IMTTUBR0" / reg(ROOT, "TTBR0[39:32] in [7:0]"),
-    "IMTTLBR1" / reg(ROOT, "TTBR1[31:0] (unused by the model's walks)"),
-    "IMTTUBR1" / reg(ROOT, "TTBR1[39:32]"),
-    "IMSTR" / reg(ROOT, "fault status: write-0-to-clear"),
+CONTEXT = Bank(cs.Struct(
+    "IMCTR" / cs.Int32ul,              # 0x00
+    "IMCAAR" / cs.Int32ul,             # 0x04
+    "IMTTBCR" / cs.Int32ul,            # 0x08
+    "IMBUSCR" / cs.Int32ul,            # 0x0c
+    "IMTTLBR0" / cs.Int32ul,           # 0x10
+    "IMTTUBR0" / cs.Int32ul,           # 0x14
+    "IMTTLBR1" / cs.Int32ul,           # 0x18
+    "IMTTUBR1" / cs.Int32ul,           # 0x1c
+    "IMSTR" / cs.Int32ul,              # 0x20
     "_pad24" / cs.Padding(4),
-    "IMMAIR0" / reg(ROOT, "memory attributes 0..3 (latched; attributes do not change a DMA copy)"),
-    "IMMAIR1" / reg(ROOT, "memory attributes 4..7"),
-    "IMELAR" / reg(ROOT, "fault address [31:0], owned by the hardware"),
-    "IMEUAR" / reg(ROOT, "fault address [63:32], owned by the hardware"),
+    "IMMAIR0" / cs.Int32ul,            # 0x28
+    "IMMAIR1" / cs.Int32ul,            # 0x2c
+    "IMELAR" / cs.Int32ul,             # 0x30
+    "IMEUAR" / cs.Int32ul,             # 0x34
     "_pad38" / cs.Padding(CTX_STRIDE - 0x38),
-)
+), [IMCTR, IMCAAR, IMTTBCR, IMBUSCR, IMTTLBR0, IMTTUBR0, IMTTLBR1, IMTTUBR1, IMSTR, IMMAIR0, IMMAIR1,
+    IMELAR, IMEUAR], "IPMMU context")
 
-MICRO_TLB = cs.Struct(                     # uTLB u at 0x300 + 16u (u < 32) / 0x600 + 16(u - 32)
-    "IMUCTR" / reg(CACHE, "uTLB control: MMUEN, FLUSH (self-clearing), TTSEL, FIXADD"),
+# -- a uTLB (uTLB u at 0x300 + 16u for u < 32, 0x600 + 16(u - 32) from 32) ------------------------
+
+IMUCTR = reg("IMUCTR", 0x0, CACHE, "uTLB control",
+             fields={"FIXADDEN": 31, "FIXADD": (16, 8), "TTSEL": (4, 4), "FLUSH": 1, "MMUEN": 0},
+             self_clearing=["FLUSH"], on_write="_imuctr_written")
+IMUASID = reg("IMUASID", 0x8, CACHE, "uTLB ASIDs (latched)", fields={"ASID8": (8, 8), "ASID0": (0, 8)})
+
+MICRO_TLB = Bank(cs.Struct(
+    "IMUCTR" / cs.Int32ul,             # +0x0
     "_pad4" / cs.Padding(4),
-    "IMUASID" / reg(CACHE, "uTLB ASIDs (latched)"),
+    "IMUASID" / cs.Int32ul,            # +0x8
     "_padc" / cs.Padding(4),
-)
+), [IMUCTR, IMUASID], "IPMMU uTLB")
 
-PMB = cs.Struct(                           # at 0x200: Gen2 PMB registers, latched, never used
-    "IMPCTR" / reg(BOTH, "PMB control"),
+# -- instance-wide registers, at their offsets in the window --------------------------------------
+
+IMSCTLR = reg("IMSCTLR", 0x500, BOTH, "security control: USE_SECGRP (Xen clears it on every instance)",
+              fields={"USE_SECGRP": 28})
+IMSAUXCTLR = reg("IMSAUXCTLR", 0x504, ROOT, "auxiliary control: S2PTE selects stage-2 descriptors in PMB mode",
+                 fields={"S2PTE": 3}, on_write="_s2pte_changed")
+
+GLOBALS = Bank(cs.Struct(
+    "_contexts" / cs.Padding(MAX_CONTEXTS * CTX_STRIDE),
+    "IMPCTR" / cs.Int32ul,             # 0x200: Gen2 PMB registers, latched, never used
     "_pad204" / cs.Padding(4),
-    "IMPSTR" / reg(BOTH, "PMB status"),
-    "IMPEAR" / reg(BOTH, "PMB error address"),
+    "IMPSTR" / cs.Int32ul,             # 0x208
+    "IMPEAR" / cs.Int32ul,             # 0x20c
     "_pad210" / cs.Padding(0x280 - 0x210),
-    *[f"IMPMBA{n}" / reg(BOTH, "PMB address") for n in range(16)],
-    *[f"IMPMBD{n}" / reg(BOTH, "PMB data") for n in range(16)],
-)
-
-CONTROL = cs.Struct(                       # at 0x500
-    "IMSCTLR" / reg(BOTH, "security control: USE_SECGRP (Xen clears it on every instance)"),
-    "IMSAUXCTLR" / reg(ROOT, "auxiliary control: S2PTE selects stage-2 descriptors in PMB mode"),
+    *[f"IMPMBA{n}" / cs.Int32ul for n in range(16)],       # 0x280
+    *[f"IMPMBD{n}" / cs.Int32ul for n in range(16)],       # 0x2c0
+    "_utlbs" / cs.Padding(0x500 - 0x300),                  # the low uTLB bank
+    "IMSCTLR" / cs.Int32ul,            # 0x500
+    "IMSAUXCTLR" / cs.Int32ul,         # 0x504
     "_pad508" / cs.Padding(0x540 - 0x508),
-    "IMSSTR" / reg(ROOT, "per-cache interrupt status (never set by the model)"),
+    "IMSSTR" / cs.Int32ul,             # 0x540
     "_pad544" / cs.Padding(0x560 - 0x544),
-    "IMRAM0ERRCTR" / reg(BOTH, "RAM ECC"),
-    "IMRAM0ERRSTR" / reg(BOTH, "RAM ECC"),
-    "IMRAM1ERRCTR" / reg(BOTH, "RAM ECC"),
-    "IMRAM1ERRSTR" / reg(BOTH, "RAM ECC"),
-    "IMRAM2ERRSTR" / reg(BOTH, "RAM ECC"),
-    "IMRAM3ERRSTR" / reg(BOTH, "RAM ECC"),
-    "IMRAMECCCMPCTR" / reg(BOTH, "RAM ECC"),
-    "IMRAMECCCMPSTR" / reg(BOTH, "RAM ECC"),
-)
-GLOBAL_BLOCKS = ((PMB, 0x200), (CONTROL, 0x500))
+    "IMRAM0ERRCTR" / cs.Int32ul,       # 0x560
+    "IMRAM0ERRSTR" / cs.Int32ul,
+    "IMRAM1ERRCTR" / cs.Int32ul,
+    "IMRAM1ERRSTR" / cs.Int32ul,
+    "IMRAM2ERRSTR" / cs.Int32ul,
+    "IMRAM3ERRSTR" / cs.Int32ul,
+    "IMRAMECCCMPCTR" / cs.Int32ul,
+    "IMRAMECCCMPSTR" / cs.Int32ul,     # 0x57c
+), [
+    reg("IMPCTR", 0x200, BOTH, "PMB control"),
+    reg("IMPSTR", 0x208, BOTH, "PMB status"),
+    reg("IMPEAR", 0x20C, BOTH, "PMB error address"),
+    *[reg(f"IMPMBA{n}", 0x280 + 4 * n, BOTH, "PMB address") for n in range(16)],
+    *[reg(f"IMPMBD{n}", 0x2C0 + 4 * n, BOTH, "PMB data") for n in range(16)],
+    IMSCTLR,
+    IMSAUXCTLR,
+    reg("IMSSTR", 0x540, ROOT, "per-cache interrupt status (never set by the model)"),
+    *[reg(name, 0x560 + 4 * i, BOTH, "RAM ECC") for i, name in enumerate((
+        "IMRAM0ERRCTR", "IMRAM0ERRSTR", "IMRAM1ERRCTR", "IMRAM1ERRSTR", "IMRAM2ERRSTR", "IMRAM3ERRSTR",
+        "IMRAMECCCMPCTR", "IMRAMECCCMPSTR"))],
+], "IPMMU instance")
 
-# -- bit fields -----------------------------------------------------------------------------------
-
-BITS: dict[str, cs.Construct] = {
-    "IMCTR": bits(
-        "_r30" / _res(2), "VA64" / cs.Flag, "_r18" / _res(11), "TRE" / cs.Flag, "AFE" / cs.Flag,
-        "_r6" / _res(10), "RTSEL" / cs.BitsInteger(2), "TREN" / cs.Flag, "INTEN" / cs.Flag,
-        "FLUSH" / cs.Flag, "MMUEN" / cs.Flag),
-    "IMTTBCR": bits(
-        "EAE" / cs.Flag, "PMB" / cs.Flag, "SH1" / cs.BitsInteger(2), "ORGN1" / cs.BitsInteger(2),
-        "IRGN1" / cs.BitsInteger(2), "PGSZ" / cs.Flag, "SCSZ" / cs.Flag, "TSZ1" / cs.BitsInteger(6),
-        "_r14" / _res(2), "SH0" / cs.BitsInteger(2), "ORGN0" / cs.BitsInteger(2), "IRGN0" / cs.BitsInteger(2),
-        "SL0" / cs.BitsInteger(2), "TSZ0" / cs.BitsInteger(6)),
-    "IMSTR": bits(
-        "_r14" / _res(18), "ERRLVL" / cs.BitsInteger(2), "_r11" / _res(1), "ERRCODE" / cs.BitsInteger(3),
-        "_r5" / _res(3), "MHIT" / cs.Flag, "_r3" / _res(1), "ABORT" / cs.Flag, "PF" / cs.Flag, "TF" / cs.Flag),
-    "IMUCTR": bits(
-        "FIXADDEN" / cs.Flag, "_r24" / _res(7), "FIXADD" / cs.BitsInteger(8), "_r8" / _res(8),
-        "TTSEL" / cs.BitsInteger(4), "_r2" / _res(2), "FLUSH" / cs.Flag, "MMUEN" / cs.Flag),
-    "IMUASID": bits("_r16" / _res(16), "ASID8" / cs.BitsInteger(8), "ASID0" / cs.BitsInteger(8)),
-    "IMSCTLR": bits("_r29" / _res(3), "USE_SECGRP" / cs.Flag, "_r0" / _res(28)),
-    "IMSAUXCTLR": bits("_r4" / _res(28), "S2PTE" / cs.Flag, "_r0" / _res(3)),
-}
+IMSTR_ERR_MASK = IMSTR.TF.mask | IMSTR.PF.mask | IMSTR.ABORT.mask | IMSTR.MHIT.mask     # 0x17
 
 # -- compilation ----------------------------------------------------------------------------------
-
-
-def _fields(layout: cs.Construct) -> dict[str, tuple[int, int]]:
-    """Field -> (shift, width) of a ``bits`` declaration (walks the BitStruct from the MSB down)."""
-    inner = layout.subcon.subcon          # ByteSwapped -> Bitwise -> Struct
-    out, pos = {}, 32
-    for sub in inner.subcons:
-        width = sub.sizeof()
-        pos -= width
-        if not sub.name.startswith("_"):
-            out[sub.name] = (pos, width)
-    assert pos == 0, "a register's fields must add up to 32 bits"
-    return out
-
-
-def _regs(layout: cs.Construct) -> list[tuple[int, str, str, int]]:
-    """(offset, name, holder, reset) of every 32-bit register of a block."""
-    rmap = RegisterMap(layout)
-    out = []
-    for sub in layout.subcons:
-        if sub.name in rmap.fields:
-            holder = sub.docs.split(":", 1)[0]
-            out.append((rmap.offset(sub.name), sub.name, holder, sub.subcon.value))
-    return out
-
-
-FIELDS: dict[str, dict[str, tuple[int, int]]] = {name: _fields(layout) for name, layout in BITS.items()}
-HOLDER: dict[str, str] = {}
-RESET: dict[str, int] = {}
-CTX_REGS: list[str] = []
-UTLB_REGS: list[str] = []
-GLOBAL_REGS: list[str] = []
 
 
 def utlb_offset(u: int) -> int:
@@ -160,67 +155,36 @@ def utlb_offset(u: int) -> int:
     return UTLB_LOW_BASE + UTLB_STRIDE * u if u < 32 else UTLB_HIGH_BASE + UTLB_STRIDE * (u - 32)
 
 
+REGS: dict[str, Reg] = {r.name: r for bank in (CONTEXT, MICRO_TLB, GLOBALS) for r in bank}
+CTX_REGS: list[str] = list(CONTEXT.regs)
+UTLB_REGS: list[str] = list(MICRO_TLB.regs)
+GLOBAL_REGS: list[str] = list(GLOBALS.regs)
+FIELDS: dict[str, dict[str, tuple[int, int]]] = {
+    r.name: {f.name: (f.shift, f.width) for f in r.fields.values()} for r in REGS.values() if r.fields}
+HOLDER: dict[str, str] = {name: r.meta["holder"] for name, r in REGS.items()}
+RESET: dict[str, int] = {name: r.reset for name, r in REGS.items()}
+OFFSETS: dict[str, int] = {name: r.offset for name, r in REGS.items()}   # in its block (global: in the window)
+
+
 def _compile() -> dict[int, tuple[str, int, str]]:
     decode: dict[int, tuple[str, int, str]] = {}
-    for off, name, holder, reset in _regs(CONTEXT):
-        HOLDER[name], RESET[name] = holder, reset
-        CTX_REGS.append(name)
-        for c in range(MAX_CONTEXTS):
-            decode[c * CTX_STRIDE + off] = (CTX, c, name)
-    for off, name, holder, reset in _regs(MICRO_TLB):
-        HOLDER[name], RESET[name] = holder, reset
-        UTLB_REGS.append(name)
-        for u in range(MAX_UTLBS):
-            decode[utlb_offset(u) + off] = (UTLB, u, name)
-    for layout, base in GLOBAL_BLOCKS:
-        for off, name, holder, reset in _regs(layout):
-            HOLDER[name], RESET[name] = holder, reset
-            GLOBAL_REGS.append(name)
-            decode[base + off] = (GLOBAL, 0, name)
+    for c in range(MAX_CONTEXTS):
+        decode.update({c * CTX_STRIDE + r.offset: (CTX, c, r.name) for r in CONTEXT})
+    for u in range(MAX_UTLBS):
+        decode.update({utlb_offset(u) + r.offset: (UTLB, u, r.name) for r in MICRO_TLB})
+    decode.update({r.offset: (GLOBAL, 0, r.name) for r in GLOBALS})
+    assert len(decode) == MAX_CONTEXTS * len(CONTEXT.regs) + MAX_UTLBS * len(MICRO_TLB.regs) + len(GLOBALS.regs), \
+        "IPMMU register blocks overlap"
     assert all(0 <= off < WINDOW and off % 4 == 0 for off in decode)
     return decode
 
 
 DECODE = _compile()
-OFFSETS: dict[str, int] = {name: off for off, (blk, _, name) in DECODE.items() if blk == GLOBAL}
-OFFSETS.update({name: off for off, name, _, _ in _regs(CONTEXT)})
-OFFSETS.update({name: off for off, name, _, _ in _regs(MICRO_TLB)})
-
-
-def bit(register: str, field: str) -> int:
-    """The mask of one field."""
-    shift, width = FIELDS[register][field]
-    return ((1 << width) - 1) << shift
 
 
 def ctx_offset(c: int, name: str) -> int:
-    return c * CTX_STRIDE + OFFSETS[name]
+    return c * CTX_STRIDE + CONTEXT.offset(name)
 
 
 def utlb_reg_offset(u: int, name: str) -> int:
-    return utlb_offset(u) + OFFSETS[name]
-
-
-# The masks the model uses (names as in the drivers).
-IMCTR_MMUEN = bit("IMCTR", "MMUEN")
-IMCTR_FLUSH = bit("IMCTR", "FLUSH")
-IMCTR_INTEN = bit("IMCTR", "INTEN")
-IMCTR_VA64 = bit("IMCTR", "VA64")
-IMTTBCR_EAE = bit("IMTTBCR", "EAE")
-IMTTBCR_PMB = bit("IMTTBCR", "PMB")
-IMTTBCR_SL0_SHIFT, _ = FIELDS["IMTTBCR"]["SL0"]
-IMTTBCR_TSZ0 = bit("IMTTBCR", "TSZ0")
-IMSTR_TF = bit("IMSTR", "TF")
-IMSTR_PF = bit("IMSTR", "PF")
-IMSTR_ABORT = bit("IMSTR", "ABORT")
-IMSTR_MHIT = bit("IMSTR", "MHIT")
-IMSTR_ERR_MASK = IMSTR_TF | IMSTR_PF | IMSTR_ABORT | IMSTR_MHIT        # 0x17
-IMSTR_ERRCODE_SHIFT, _ = FIELDS["IMSTR"]["ERRCODE"]
-IMSTR_ERRLVL_SHIFT, _ = FIELDS["IMSTR"]["ERRLVL"]
-ERRCODE_NONE, ERRCODE_TLB_FORMAT, ERRCODE_ACCESS_PERM, ERRCODE_SECURE_ACCESS = 0, 1, 4, 5
-IMUCTR_MMUEN = bit("IMUCTR", "MMUEN")
-IMUCTR_FLUSH = bit("IMUCTR", "FLUSH")
-IMUCTR_TTSEL_SHIFT, _ = FIELDS["IMUCTR"]["TTSEL"]
-IMUCTR_TTSEL = bit("IMUCTR", "TTSEL")
-IMSAUXCTLR_S2PTE = bit("IMSAUXCTLR", "S2PTE")
-IMSCTLR_USE_SECGRP = bit("IMSCTLR", "USE_SECGRP")
+    return utlb_offset(u) + MICRO_TLB.offset(name)

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import construct as cs
 
-from devices.regs import RegisterMap
+from devices.regs import RO, Bank, Reg, RegisterFile
 from vmm.registry import DeviceType, Key
 
 MAGIC = 0x4F464E49   # "INFO"
-FLAG_DIRECT = 1 << 0
-FLAG_NOT_DIRECT = 1 << 1
 
-LAYOUT = RegisterMap(cs.Struct(
+LAYOUT = Bank(cs.Struct(
     "MAGIC" / cs.Int32ul,
     "_pad0" / cs.Padding(4),
     "RAM_SIZE" / cs.Int64ul,
@@ -23,18 +21,25 @@ LAYOUT = RegisterMap(cs.Struct(
     "VTCR" / cs.Int32ul,
     "IPA_BITS" / cs.Int32ul,
     "FLAGS" / cs.Int32ul,
-))
+), [
+    Reg("MAGIC", 0x00, access=RO, reset=MAGIC, doc='"INFO"'),
+    Reg("RAM_SIZE", 0x08, width=8, access=RO, doc="bytes of RAM"),
+    Reg("P2M_ROOT", 0x10, width=8, access=RO, doc="machine address of the concatenated level-1 tables"),
+    Reg("VTCR", 0x18, access=RO, doc="the VTCR value for the P2M"),
+    Reg("IPA_BITS", 0x1C, access=RO),
+    Reg("FLAGS", 0x20, access=RO, fields={"DIRECT": 0, "NOT_DIRECT": 1},
+        doc="exactly one is set: GPA == MPA for every page, or not"),
+], "sysinfo")
+FLAGS = LAYOUT["FLAGS"]
 
 
 class SysInfo:
     def __init__(self, ram_size: int, p2m_root: int, vtcr: int, ipa_bits: int, direct: bool) -> None:
-        self.values = {
-            "MAGIC": MAGIC, "RAM_SIZE": ram_size, "P2M_ROOT": p2m_root, "VTCR": vtcr,
-            "IPA_BITS": ipa_bits, "FLAGS": FLAG_DIRECT if direct else FLAG_NOT_DIRECT,
-        }
+        self.regs = RegisterFile(LAYOUT, RAM_SIZE=ram_size, P2M_ROOT=p2m_root, VTCR=vtcr, IPA_BITS=ipa_bits,
+                                 FLAGS=FLAGS.DIRECT.mask if direct else FLAGS.NOT_DIRECT.mask)
 
     def read(self, offset: int, size: int) -> int:
-        return LAYOUT.read(self.values, offset, size)
+        return self.regs.read(offset, size)
 
     def write(self, offset: int, size: int, value: int) -> None:
         pass   # read-only

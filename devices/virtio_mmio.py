@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import construct as cs
 
-from devices.regs import RegisterMap
+from devices.regs import RO, WO, Bank, Reg, RegisterFile
 from devices.virtqueue import F_VERSION_1, SplitQueue
 from vmm.dma import DeviceMemory, Refuse, Translator
 from vmm.irq import IrqLine
@@ -36,17 +36,20 @@ VENDOR_ID = 0x42414C49          # "ILAB"
 SLOT_SIZE = 0x200
 CONFIG_OFFSET = 0x100
 
-STATUS_ACKNOWLEDGE = 1
-STATUS_DRIVER = 2
-STATUS_DRIVER_OK = 4
-STATUS_FEATURES_OK = 8
-STATUS_DEVICE_NEEDS_RESET = 64
-STATUS_FAILED = 128
 
-INT_USED_BUFFER = 1 << 0
-INT_CONFIG_CHANGE = 1 << 1
+def _ring_half(ring: str, shift: int):
+    """Write hook of QueueDesc/Driver/DeviceLow/High: one 32-bit half of a ring address of the
+    selected queue, while the driver may still configure it."""
+    def written(t: VirtioMmio, old: int, value: int) -> None:
+        q = t._idle_queue()
+        if q is not None:
+            setattr(q, ring, (getattr(q, ring) & ~(0xFFFFFFFF << shift)) | (value << shift))
+    return written
 
-LAYOUT = RegisterMap(cs.Struct(
+
+# Registers are 32-bit. Write-only ones read 0; QueueReset (no VIRTIO_F_RING_RESET) reads 0 and
+# ignores writes; ConfigGeneration is 0 because config changes only by driver writes (never torn).
+LAYOUT = Bank(cs.Struct(
     "MagicValue" / cs.Int32ul,          # 0x000
     "Version" / cs.Int32ul,             # 0x004
     "DeviceID" / cs.Int32ul,            # 0x008
@@ -87,11 +90,51 @@ LAYOUT = RegisterMap(cs.Struct(
     "QueueReset" / cs.Int32ul,          # 0x0c0
     "_pad8" / cs.Padding(0xFC - 0xC4),
     "ConfigGeneration" / cs.Int32ul,    # 0x0fc
-))
+), [
+    Reg("MagicValue", 0x000, access=RO, reset=MAGIC),
+    Reg("Version", 0x004, access=RO, reset=VERSION),
+    Reg("DeviceID", 0x008, access=RO, on_read="_device_id"),
+    Reg("VendorID", 0x00C, access=RO, reset=VENDOR_ID),
+    Reg("DeviceFeatures", 0x010, access=RO, on_read="_device_features", doc="32 bits chosen by DeviceFeaturesSel"),
+    Reg("DeviceFeaturesSel", 0x014, access=WO),
+    Reg("DriverFeatures", 0x020, access=WO, on_write="_driver_features_written"),
+    Reg("DriverFeaturesSel", 0x024, access=WO),
+    Reg("QueueSel", 0x030, access=WO),
+    Reg("QueueNumMax", 0x034, access=RO, on_read="_queue_num_max"),
+    Reg("QueueNum", 0x038, on_read="_queue_num", on_write="_queue_num_written"),
+    Reg("QueueReady", 0x044, fields={"READY": 0}, on_read="_queue_ready", on_write="_queue_ready_written"),
+    Reg("QueueNotify", 0x050, access=WO, on_write=lambda t, old, value: t._notify(value)),
+    Reg("InterruptStatus", 0x060, access=RO, fields={"USED_BUFFER": 0, "CONFIG_CHANGE": 1},
+        doc="set by the device; the IRQ line is high while it is non-zero"),
+    Reg("InterruptACK", 0x064, access=WO, on_write="_interrupt_acked", doc="clears the bits written as 1"),
+    Reg("Status", 0x070, wmask=0xFF, on_write="_status_written",
+        fields={"ACKNOWLEDGE": 0, "DRIVER": 1, "DRIVER_OK": 2, "FEATURES_OK": 3, "DEVICE_NEEDS_RESET": 6,
+                "FAILED": 7}),
+    Reg("QueueDescLow", 0x080, access=WO, on_write=_ring_half("desc", 0)),
+    Reg("QueueDescHigh", 0x084, access=WO, on_write=_ring_half("desc", 32)),
+    Reg("QueueDriverLow", 0x090, access=WO, on_write=_ring_half("avail", 0)),
+    Reg("QueueDriverHigh", 0x094, access=WO, on_write=_ring_half("avail", 32)),
+    Reg("QueueDeviceLow", 0x0A0, access=WO, on_write=_ring_half("used", 0)),
+    Reg("QueueDeviceHigh", 0x0A4, access=WO, on_write=_ring_half("used", 32)),
+    Reg("SHMSel", 0x0AC, access=WO),
+    *[Reg(name, 0x0B0 + 4 * i, access=RO, reset=0xFFFFFFFF, doc="no shared memory regions")
+      for i, name in enumerate(("SHMLenLow", "SHMLenHigh", "SHMBaseLow", "SHMBaseHigh"))],
+    Reg("QueueReset", 0x0C0, access=RO),
+    Reg("ConfigGeneration", 0x0FC, access=RO),
+], "virtio-mmio")
 assert LAYOUT.size == CONFIG_OFFSET
-REG = {name: f.offset for name, f in LAYOUT.fields.items()}
-# Registers are 32-bit only: the decode table keyed by offset alone.
-_DECODE32 = {off: name for (off, size), (name, _, _) in LAYOUT.decode.items() if size == 4}
+STATUS = LAYOUT["Status"]
+INTERRUPT = LAYOUT["InterruptStatus"]
+QUEUE_READY = LAYOUT["QueueReady"]
+STATUS_ACKNOWLEDGE = STATUS.ACKNOWLEDGE.mask
+STATUS_DRIVER = STATUS.DRIVER.mask
+STATUS_DRIVER_OK = STATUS.DRIVER_OK.mask
+STATUS_FEATURES_OK = STATUS.FEATURES_OK.mask
+STATUS_DEVICE_NEEDS_RESET = STATUS.DEVICE_NEEDS_RESET.mask
+STATUS_FAILED = STATUS.FAILED.mask
+INT_USED_BUFFER = INTERRUPT.USED_BUFFER.mask
+INT_CONFIG_CHANGE = INTERRUPT.CONFIG_CHANGE.mask
+_EMPTY = LAYOUT.constants()             # what a slot without a device reads
 
 
 class Backend(Protocol):
@@ -116,13 +159,10 @@ class VirtioMmio:
         self.irq = irq
         self.mem = mem
         self.queues = [SplitQueue(i, n) for i, n in enumerate(backend.queue_sizes)]
-        self.device_features_sel = 0
-        self.driver_features_sel = 0
-        self.driver_features = 0
-        self.queue_sel = 0
-        self.status = 0
-        self.interrupt_status = 0
-        self.shm_sel = 0
+        self.regs = RegisterFile(LAYOUT, self, unmatched_read="_config_read", unmatched_write="_config_write")
+        self.read = self.regs.read            # the bus face is the register file's: one call per access
+        self.write = self.regs.write
+        self.driver_features = 0            # all 64 bits, as DriverFeatures(Sel) assembled them
         self.needs_reset_reasons: deque[str] = deque(maxlen=16)     # the latest; a guest may loop on errors
         self.needs_reset_count = 0
         backend.attach(self)
@@ -131,17 +171,18 @@ class VirtioMmio:
     @property
     def negotiated(self) -> int:
         """Features both sides agreed on (0 until FEATURES_OK was accepted)."""
-        return self.driver_features if self.status & STATUS_FEATURES_OK else 0
+        return self.driver_features if self.regs["Status"] & STATUS_FEATURES_OK else 0
 
     @property
     def live(self) -> bool:
         """The device may use its queues: DRIVER_OK, not failed, not waiting for a reset."""
-        s = self.status
+        s = self.regs["Status"]
         return bool(s & STATUS_DRIVER_OK) and not s & (STATUS_DEVICE_NEEDS_RESET | STATUS_FAILED)
 
     def interrupt(self, bits: int) -> None:
-        self.interrupt_status |= bits
-        self.irq.set(self.interrupt_status != 0)
+        regs = self.regs
+        regs["InterruptStatus"] |= bits
+        self.irq.set(regs["InterruptStatus"] != 0)
 
     def needs_reset(self, why: str) -> None:
         """An error the device cannot tie to one request: DEVICE_NEEDS_RESET (spec 2.1.2), with a
@@ -149,136 +190,100 @@ class VirtioMmio:
         log.warning("virtio: device needs reset: %s", why)
         self.needs_reset_reasons.append(why)
         self.needs_reset_count += 1
-        self.status |= STATUS_DEVICE_NEEDS_RESET
-        if self.status & STATUS_DRIVER_OK:
+        self.regs["Status"] |= STATUS_DEVICE_NEEDS_RESET
+        if self.regs["Status"] & STATUS_DRIVER_OK:
             self.interrupt(INT_CONFIG_CHANGE)
 
     def reset(self) -> None:
         """Device reset (Status = 0): queues, features, interrupts and the backend's state."""
         for q in self.queues:
             q.reset()
-        self.device_features_sel = 0
-        self.driver_features_sel = 0
+        self.regs.reset()
         self.driver_features = 0
-        self.queue_sel = 0
-        self.status = 0
-        self.interrupt_status = 0
         self.irq.lower()
         self.mem.flush()
         self.backend.reset()
 
-    # -- bus face ------------------------------------------------------------------------------
-    def read(self, offset: int, size: int) -> int:
-        if offset >= CONFIG_OFFSET:
-            if size not in (1, 2, 4, 8):
-                return 0
-            return self.backend.config_read(offset - CONFIG_OFFSET, size)
-        if size != 4:
+    # -- bus face: ``read``/``write`` are the register file's; what no register claims lands here
+    def _config_read(self, offset: int, size: int) -> int:
+        if offset < CONFIG_OFFSET or size not in (1, 2, 4, 8):
             return 0
-        name = _DECODE32.get(offset)
-        if name is None:
-            return 0
-        q = self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
-        if name == "MagicValue":
-            return MAGIC
-        if name == "Version":
-            return VERSION
-        if name == "DeviceID":
-            return self.backend.device_id
-        if name == "VendorID":
-            return VENDOR_ID
-        if name == "DeviceFeatures":
-            if self.device_features_sel > 1:
-                return 0
-            return (self.backend.features >> (32 * self.device_features_sel)) & 0xFFFFFFFF
-        if name == "QueueNumMax":
-            return q.size_max if q else 0
-        if name == "QueueNum":
-            return q.num if q else 0
-        if name == "QueueReady":
-            return int(q.ready) if q else 0
-        if name == "InterruptStatus":
-            return self.interrupt_status
-        if name == "Status":
-            return self.status
-        if name in ("SHMLenLow", "SHMLenHigh", "SHMBaseLow", "SHMBaseHigh"):
-            return 0xFFFFFFFF            # no shared memory regions
-        if name == "ConfigGeneration":
-            return 0                     # config changes only by driver writes: never torn
-        return 0                         # write-only registers and QueueReset (no RING_RESET) read 0
+        return self.backend.config_read(offset - CONFIG_OFFSET, size)
 
-    def write(self, offset: int, size: int, value: int) -> None:
-        if offset >= CONFIG_OFFSET:
-            if size in (1, 2, 4, 8):
-                self.backend.config_write(offset - CONFIG_OFFSET, size, value)
-            return
-        if size != 4:
-            return
-        name = _DECODE32.get(offset)
-        if name is None:
-            return
-        if name == "QueueNotify":
-            self._notify(value)
-        elif name == "InterruptACK":
-            self.interrupt_status &= ~value
-            self.irq.set(self.interrupt_status != 0)
-        elif name == "Status":
-            self._write_status(value)
-        elif name == "DeviceFeaturesSel":
-            self.device_features_sel = value
-        elif name == "DriverFeaturesSel":
-            self.driver_features_sel = value
-        elif name == "DriverFeatures":
-            # Features are frozen once FEATURES_OK was accepted (spec 3.1.1).
-            if not self.status & STATUS_FEATURES_OK and self.driver_features_sel <= 1:
-                shift = 32 * self.driver_features_sel
-                self.driver_features = (self.driver_features & ~(0xFFFFFFFF << shift)) | (value << shift)
-        elif name == "QueueSel":
-            self.queue_sel = value
-        elif name == "SHMSel":
-            self.shm_sel = value
-        elif self.queue_sel < len(self.queues):
-            self._write_queue(self.queues[self.queue_sel], name, value)
+    def _config_write(self, offset: int, size: int, value: int) -> None:
+        if offset >= CONFIG_OFFSET and size in (1, 2, 4, 8):
+            self.backend.config_write(offset - CONFIG_OFFSET, size, value)
 
-    def _write_queue(self, q: SplitQueue, name: str, value: int) -> None:
-        if name == "QueueReady":
-            if not value & 1:
-                q.ready = False
-            elif not q.ready:
-                if not q.valid_size():
-                    self.needs_reset(f"queue {q.index}: size {q.num} is not a power of 2 in 1..{q.size_max}")
-                    return
-                q.enable(self.negotiated)
-            return
-        if q.ready:
-            return          # the driver MUST NOT change a live queue; ignore rather than corrupt it
-        if name == "QueueNum":
+    # -- register hooks (named in LAYOUT) ---------------------------------------------------------
+    def _device_id(self) -> int:
+        return self.backend.device_id
+
+    def _device_features(self) -> int:
+        sel = self.regs["DeviceFeaturesSel"]
+        return 0 if sel > 1 else (self.backend.features >> (32 * sel)) & 0xFFFFFFFF
+
+    def _selected_queue(self) -> SplitQueue | None:
+        sel = self.regs["QueueSel"]
+        return self.queues[sel] if sel < len(self.queues) else None
+
+    def _idle_queue(self) -> SplitQueue | None:
+        """The selected queue if the driver may configure it: it MUST NOT change a live queue,
+        and the device ignores such writes rather than corrupt it."""
+        q = self._selected_queue()
+        return None if q is None or q.ready else q
+
+    def _queue_num_max(self) -> int:
+        q = self._selected_queue()
+        return q.size_max if q else 0
+
+    def _queue_num(self) -> int:
+        q = self._selected_queue()
+        return q.num if q else 0
+
+    def _queue_ready(self) -> int:
+        q = self._selected_queue()
+        return int(q.ready) if q else 0
+
+    def _queue_num_written(self, old: int, value: int) -> None:
+        q = self._idle_queue()
+        if q is not None:
             q.num = value
-        elif name == "QueueDescLow":
-            q.desc = (q.desc & ~0xFFFFFFFF) | value
-        elif name == "QueueDescHigh":
-            q.desc = (q.desc & 0xFFFFFFFF) | (value << 32)
-        elif name == "QueueDriverLow":
-            q.avail = (q.avail & ~0xFFFFFFFF) | value
-        elif name == "QueueDriverHigh":
-            q.avail = (q.avail & 0xFFFFFFFF) | (value << 32)
-        elif name == "QueueDeviceLow":
-            q.used = (q.used & ~0xFFFFFFFF) | value
-        elif name == "QueueDeviceHigh":
-            q.used = (q.used & 0xFFFFFFFF) | (value << 32)
 
-    def _write_status(self, value: int) -> None:
+    def _queue_ready_written(self, old: int, value: int) -> None:
+        q = self._selected_queue()
+        if q is None:
+            return
+        if not QUEUE_READY.READY(value):
+            q.ready = False
+        elif not q.ready:
+            if not q.valid_size():
+                self.needs_reset(f"queue {q.index}: size {q.num} is not a power of 2 in 1..{q.size_max}")
+                return
+            q.enable(self.negotiated)
+
+    def _driver_features_written(self, old: int, value: int) -> None:
+        # Features are frozen once FEATURES_OK was accepted (spec 3.1.1).
+        sel = self.regs["DriverFeaturesSel"]
+        if not self.regs["Status"] & STATUS_FEATURES_OK and sel <= 1:
+            shift = 32 * sel
+            self.driver_features = (self.driver_features & ~(0xFFFFFFFF << shift)) | (value << shift)
+
+    def _interrupt_acked(self, old: int, value: int) -> None:
+        regs = self.regs
+        regs["InterruptStatus"] &= ~value
+        self.irq.set(regs["InterruptStatus"] != 0)
+
+    def _status_written(self, old: int, value: int) -> None:
         if value == 0:
             self.reset()
             return
-        value &= 0xFF
-        old = self.status
-        if value & STATUS_FEATURES_OK and not old & STATUS_FEATURES_OK:
+        new = self.regs["Status"]               # the 8 bits the write latched
+        if new & STATUS_FEATURES_OK and not old & STATUS_FEATURES_OK:
             feats = self.driver_features
             if feats & ~self.backend.features or not feats & F_VERSION_1:
-                value &= ~STATUS_FEATURES_OK      # refused: the driver reads FEATURES_OK back as 0
+                new &= ~STATUS_FEATURES_OK      # refused: the driver reads FEATURES_OK back as 0
         # DEVICE_NEEDS_RESET belongs to the device: a driver write neither sets nor clears it.
-        self.status = (value & ~STATUS_DEVICE_NEEDS_RESET) | (old & STATUS_DEVICE_NEEDS_RESET)
+        self.regs["Status"] = (new & ~STATUS_DEVICE_NEEDS_RESET) | (old & STATUS_DEVICE_NEEDS_RESET)
 
     def translator(self, master: int, domain: Domain) -> Translator:
         """The DMA face of an IOMMU backend (``vmm.wiring`` asks the bus device for it)."""
@@ -298,20 +303,11 @@ class VirtioMmio:
 
 
 class EmptySlot:
-    """A transport with no device: device ID 0, which a driver must silently ignore."""
+    """A transport with no device: device ID 0, which a driver must silently ignore. It reads
+    the registers whose value the declaration fixes (magic, version, vendor, no SHM) and 0."""
 
     def read(self, offset: int, size: int) -> int:
-        if size != 4:
-            return 0
-        if offset == REG["MagicValue"]:
-            return MAGIC
-        if offset == REG["Version"]:
-            return VERSION
-        if offset == REG["VendorID"]:
-            return VENDOR_ID
-        if offset in (REG["SHMLenLow"], REG["SHMLenHigh"], REG["SHMBaseLow"], REG["SHMBaseHigh"]):
-            return 0xFFFFFFFF
-        return 0
+        return _EMPTY.get((offset, size), 0)
 
     def write(self, offset: int, size: int, value: int) -> None:
         pass

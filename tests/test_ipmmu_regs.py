@@ -28,13 +28,15 @@ def test_layout_is_declared_once_and_compiled():
     assert regs.utlb_reg_offset(32, "IMUCTR") == 0x600 and regs.utlb_reg_offset(47, "IMUASID") == 0x6F8
     assert regs.OFFSETS["IMSCTLR"] == 0x500 and regs.OFFSETS["IMSAUXCTLR"] == 0x504
     assert regs.OFFSETS["IMSSTR"] == 0x540 and regs.OFFSETS["IMPMBD15"] == 0x2FC
-    assert regs.IMSTR_ERR_MASK == 0x17 and regs.IMCTR_VA64 == 1 << 29 and regs.IMSAUXCTLR_S2PTE == 8
+    assert regs.IMSTR_ERR_MASK == 0x17 and regs.IMCTR.VA64.mask == 1 << 29 and regs.IMSAUXCTLR.S2PTE.mask == 8
     assert regs.FIELDS["IMTTBCR"]["SL0"] == (6, 2) and regs.FIELDS["IMUCTR"]["TTSEL"] == (4, 4)
     assert regs.HOLDER["IMTTBCR"] == "root" and regs.HOLDER["IMCTR"] == "both" and regs.HOLDER["IMUCTR"] == "cache"
     assert all(v == 0 for v in regs.RESET.values())
     # the field declarations decode real driver values
-    tcr = regs.BITS["IMTTBCR"].parse((0xC0000058).to_bytes(4, "little"))
-    assert (tcr.EAE, tcr.PMB, tcr.SL0, tcr.TSZ0) == (True, True, 1, 24)
+    tcr = regs.IMTTBCR.decode(0xC0000058)
+    assert (tcr["EAE"], tcr["PMB"], tcr["SL0"], tcr["TSZ0"]) == (1, 1, 1, 24)
+    assert regs.IMTTBCR.TSZ0_VA32(0x80000080 | 0x3D) == 5 and regs.IMUCTR.TTSEL(0x31) == 3
+    assert regs.IMSTR.ERRCODE.encode(4) | regs.IMSTR.ERRLVL.encode(7) == 0x3400      # ERRLVL keeps 2 bits
 
 
 @pytest.mark.parametrize("name", INSTANCES)
