@@ -35,7 +35,7 @@ def test_replay_many_traces_prints_a_line_each_a_total_and_junit(tmp_path, capsy
     out = cap.out.splitlines()
     assert [ln.split(":")[0] for ln in out[:2]] == [paths[0], paths[3]]                 # ok lines, in order
     assert out[-1].startswith("total: 4 traces, 2 passed, 1 failed, 1 errors")
-    err = cap.err.splitlines()
+    err = [ln for ln in cap.err.splitlines() if not ln.startswith("vmm: unprotected master:")]
     assert err[0].startswith(f"{paths[1]}:2: expected OK 0x4f21") and err[1].startswith(f"{paths[2]}:2: ")
     suite = ET.parse(junit).getroot().find("testsuite")
     assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("4", "1", "1")

@@ -99,8 +99,13 @@ def test_an_empty_trace_says_it_held_no_requests(machine, text, tmp_path, capsys
     p = tmp_path / "e.qtrace"
     p.write_text(text)
     assert cli.main(["replay", str(p)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = _errors(capsys.readouterr().err)
     assert len(err) == 1 and "holds no requests" in err[0]
+
+
+def _errors(stderr: str) -> list[str]:
+    """stderr without the board's start-up warning (every rcar-virt machine has an unprotected master)."""
+    return [ln for ln in stderr.strip().splitlines() if not ln.startswith("vmm: unprotected master:")]
 
 
 def test_strict_numbers_exit_2_with_the_line(tmp_path, capsys):
@@ -108,8 +113,8 @@ def test_strict_numbers_exit_2_with_the_line(tmp_path, capsys):
         p = tmp_path / "n.qtrace"
         p.write_text(f"readl 0xfff00044\nOK 0x4f20\n{line}\n")
         assert cli.main(["replay", str(p)]) == 2, line
-        err = capsys.readouterr().err
-        assert err.startswith(f"{p}:3: ") and err.count("\n") == 1, err
+        err = _errors(capsys.readouterr().err)
+        assert len(err) == 1 and err[0].startswith(f"{p}:3: "), err
 
 
 def test_parse_keeps_requests_and_header():

@@ -216,12 +216,17 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="vmm: %(message)s")
+    # The harness's own log goes to stderr through one handler of this call's, whose budget shows
+    # each kind of warning a few times and summarises the rest at the end.
     budget = WarningBudget()
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(budget)
-    if args.cmd == "run":
-        logging.getLogger("vmm").setLevel(logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("vmm: %(message)s"))
+    handler.addFilter(budget)
+    vlog = logging.getLogger("vmm")
+    saved = vlog.level, vlog.propagate
+    vlog.addHandler(handler)
+    vlog.propagate = False
+    vlog.setLevel(logging.INFO if args.verbose or args.cmd == "run" else logging.WARNING)
     try:
         return args.func(args)
     except (ImageError, BoardError, BackendUnavailable, RegistryError) as e:
@@ -236,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for line in budget.summary():
             print(f"vmm: {line}", file=sys.stderr)
+        vlog.removeHandler(handler)
+        vlog.level, vlog.propagate = saved
 
 
 if __name__ == "__main__":
