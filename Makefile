@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml setup.py requirements.txt vmm/walker/walker.c vmm/walke
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.txt
 	rm -f vmm/walker/_walker*.so vmm/backends/_kvm*.so vmm/backends/_emu*.so   # the editable install compiles these in place; no stale copy may shadow them
-	$(BIN)/python -m pip install -q --no-build-isolation -e .
+	$(BIN)/python -m pip install -q --no-build-isolation -e . --config-settings editable_mode=compat
 	touch $@
 
 guests:

@@ -7,8 +7,7 @@ that translates is carried out whole, synchronously inside the CTRL write.
 """
 from __future__ import annotations
 
-import construct as cs
-
+from devices.layout import layout
 from devices.regs import RO, W1C, Bank, Reg, RegisterFile
 from vmm.dma import STATUS_BAD_LENGTH, STATUS_OK, DeviceMemory, DmaFault
 from vmm.irq import IrqLine
@@ -17,19 +16,25 @@ from vmm.registry import DeviceType, Key
 ID_VALUE = 0x31414D44   # "DMA1"
 MAX_LEN = 1 << 20
 
-LAYOUT = Bank(cs.Struct(
-    "ID" / cs.Int32ul,
-    "_pad0" / cs.Padding(4),
-    "SRC" / cs.Int64ul,
-    "DST" / cs.Int64ul,
-    "LEN" / cs.Int32ul,
-    "CTRL" / cs.Int32ul,
-    "STATUS" / cs.Int32ul,
-    "_pad1" / cs.Padding(4),
-    "FAULT_ADDR" / cs.Int64ul,
-    "MASTER_ID" / cs.Int32ul,
-    "IRQ_STATUS" / cs.Int32ul,
-), [
+
+@layout
+def DMA_REGS(cs):
+    return cs.Struct(
+        "ID" / cs.Int32ul,
+        "_pad0" / cs.Padding(4),
+        "SRC" / cs.Int64ul,
+        "DST" / cs.Int64ul,
+        "LEN" / cs.Int32ul,
+        "CTRL" / cs.Int32ul,
+        "STATUS" / cs.Int32ul,
+        "_pad1" / cs.Padding(4),
+        "FAULT_ADDR" / cs.Int64ul,
+        "MASTER_ID" / cs.Int32ul,
+        "IRQ_STATUS" / cs.Int32ul,
+    )
+
+
+LAYOUT = Bank(DMA_REGS, [
     Reg("ID", 0x00, access=RO, reset=ID_VALUE, doc='"DMA1"'),
     Reg("SRC", 0x08, width=8, doc="IOVA to read from"),
     Reg("DST", 0x10, width=8, doc="IOVA to write to"),

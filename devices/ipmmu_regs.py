@@ -17,8 +17,7 @@ change here is a change everywhere.
 """
 from __future__ import annotations
 
-import construct as cs
-
+from devices.layout import layout
 from devices.regs import RO, W0C, Bank, Reg
 
 ROOT, CACHE, BOTH = "root", "cache", "both"
@@ -68,24 +67,30 @@ IMMAIR1 = reg("IMMAIR1", 0x2C, ROOT, "memory attributes 4..7")
 IMELAR = reg("IMELAR", 0x30, ROOT, "fault address [31:0], owned by the hardware", access=RO)
 IMEUAR = reg("IMEUAR", 0x34, ROOT, "fault address [63:32], owned by the hardware", access=RO)
 
-CONTEXT = Bank(cs.Struct(
-    "IMCTR" / cs.Int32ul,              # 0x00
-    "IMCAAR" / cs.Int32ul,             # 0x04
-    "IMTTBCR" / cs.Int32ul,            # 0x08
-    "IMBUSCR" / cs.Int32ul,            # 0x0c
-    "IMTTLBR0" / cs.Int32ul,           # 0x10
-    "IMTTUBR0" / cs.Int32ul,           # 0x14
-    "IMTTLBR1" / cs.Int32ul,           # 0x18
-    "IMTTUBR1" / cs.Int32ul,           # 0x1c
-    "IMSTR" / cs.Int32ul,              # 0x20
-    "_pad24" / cs.Padding(4),
-    "IMMAIR0" / cs.Int32ul,            # 0x28
-    "IMMAIR1" / cs.Int32ul,            # 0x2c
-    "IMELAR" / cs.Int32ul,             # 0x30
-    "IMEUAR" / cs.Int32ul,             # 0x34
-    "_pad38" / cs.Padding(CTX_STRIDE - 0x38),
-), [IMCTR, IMCAAR, IMTTBCR, IMBUSCR, IMTTLBR0, IMTTUBR0, IMTTLBR1, IMTTUBR1, IMSTR, IMMAIR0, IMMAIR1,
-    IMELAR, IMEUAR], "IPMMU context")
+
+@layout
+def CONTEXT_LAYOUT(cs):
+    return cs.Struct(
+        "IMCTR" / cs.Int32ul,              # 0x00
+        "IMCAAR" / cs.Int32ul,             # 0x04
+        "IMTTBCR" / cs.Int32ul,            # 0x08
+        "IMBUSCR" / cs.Int32ul,            # 0x0c
+        "IMTTLBR0" / cs.Int32ul,           # 0x10
+        "IMTTUBR0" / cs.Int32ul,           # 0x14
+        "IMTTLBR1" / cs.Int32ul,           # 0x18
+        "IMTTUBR1" / cs.Int32ul,           # 0x1c
+        "IMSTR" / cs.Int32ul,              # 0x20
+        "_pad24" / cs.Padding(4),
+        "IMMAIR0" / cs.Int32ul,            # 0x28
+        "IMMAIR1" / cs.Int32ul,            # 0x2c
+        "IMELAR" / cs.Int32ul,             # 0x30
+        "IMEUAR" / cs.Int32ul,             # 0x34
+        "_pad38" / cs.Padding(CTX_STRIDE - 0x38),
+    )
+
+
+CONTEXT = Bank(CONTEXT_LAYOUT, [IMCTR, IMCAAR, IMTTBCR, IMBUSCR, IMTTLBR0, IMTTUBR0, IMTTLBR1, IMTTUBR1, IMSTR,
+                                IMMAIR0, IMMAIR1, IMELAR, IMEUAR], "IPMMU context")
 
 # -- a uTLB (uTLB u at 0x300 + 16u for u < 32, 0x600 + 16(u - 32) from 32) ------------------------
 
@@ -94,12 +99,18 @@ IMUCTR = reg("IMUCTR", 0x0, CACHE, "uTLB control",
              self_clearing=["FLUSH"], on_write="_imuctr_written")
 IMUASID = reg("IMUASID", 0x8, CACHE, "uTLB ASIDs (latched)", fields={"ASID8": (8, 8), "ASID0": (0, 8)})
 
-MICRO_TLB = Bank(cs.Struct(
-    "IMUCTR" / cs.Int32ul,             # +0x0
-    "_pad4" / cs.Padding(4),
-    "IMUASID" / cs.Int32ul,            # +0x8
-    "_padc" / cs.Padding(4),
-), [IMUCTR, IMUASID], "IPMMU uTLB")
+
+@layout
+def MICRO_TLB_LAYOUT(cs):
+    return cs.Struct(
+        "IMUCTR" / cs.Int32ul,             # +0x0
+        "_pad4" / cs.Padding(4),
+        "IMUASID" / cs.Int32ul,            # +0x8
+        "_padc" / cs.Padding(4),
+    )
+
+
+MICRO_TLB = Bank(MICRO_TLB_LAYOUT, [IMUCTR, IMUASID], "IPMMU uTLB")
 
 # -- instance-wide registers, at their offsets in the window --------------------------------------
 
@@ -108,30 +119,36 @@ IMSCTLR = reg("IMSCTLR", 0x500, BOTH, "security control: USE_SECGRP (Xen clears 
 IMSAUXCTLR = reg("IMSAUXCTLR", 0x504, ROOT, "auxiliary control: S2PTE selects stage-2 descriptors in PMB mode",
                  fields={"S2PTE": 3}, on_write="_s2pte_changed")
 
-GLOBALS = Bank(cs.Struct(
-    "_contexts" / cs.Padding(MAX_CONTEXTS * CTX_STRIDE),
-    "IMPCTR" / cs.Int32ul,             # 0x200: Gen2 PMB registers, latched, never used
-    "_pad204" / cs.Padding(4),
-    "IMPSTR" / cs.Int32ul,             # 0x208
-    "IMPEAR" / cs.Int32ul,             # 0x20c
-    "_pad210" / cs.Padding(0x280 - 0x210),
-    *[f"IMPMBA{n}" / cs.Int32ul for n in range(16)],       # 0x280
-    *[f"IMPMBD{n}" / cs.Int32ul for n in range(16)],       # 0x2c0
-    "_utlbs" / cs.Padding(0x500 - 0x300),                  # the low uTLB bank
-    "IMSCTLR" / cs.Int32ul,            # 0x500
-    "IMSAUXCTLR" / cs.Int32ul,         # 0x504
-    "_pad508" / cs.Padding(0x540 - 0x508),
-    "IMSSTR" / cs.Int32ul,             # 0x540
-    "_pad544" / cs.Padding(0x560 - 0x544),
-    "IMRAM0ERRCTR" / cs.Int32ul,       # 0x560
-    "IMRAM0ERRSTR" / cs.Int32ul,
-    "IMRAM1ERRCTR" / cs.Int32ul,
-    "IMRAM1ERRSTR" / cs.Int32ul,
-    "IMRAM2ERRSTR" / cs.Int32ul,
-    "IMRAM3ERRSTR" / cs.Int32ul,
-    "IMRAMECCCMPCTR" / cs.Int32ul,
-    "IMRAMECCCMPSTR" / cs.Int32ul,     # 0x57c
-), [
+
+@layout
+def GLOBALS_LAYOUT(cs):
+    return cs.Struct(
+        "_contexts" / cs.Padding(MAX_CONTEXTS * CTX_STRIDE),
+        "IMPCTR" / cs.Int32ul,             # 0x200: Gen2 PMB registers, latched, never used
+        "_pad204" / cs.Padding(4),
+        "IMPSTR" / cs.Int32ul,             # 0x208
+        "IMPEAR" / cs.Int32ul,             # 0x20c
+        "_pad210" / cs.Padding(0x280 - 0x210),
+        *[f"IMPMBA{n}" / cs.Int32ul for n in range(16)],       # 0x280
+        *[f"IMPMBD{n}" / cs.Int32ul for n in range(16)],       # 0x2c0
+        "_utlbs" / cs.Padding(0x500 - 0x300),                  # the low uTLB bank
+        "IMSCTLR" / cs.Int32ul,            # 0x500
+        "IMSAUXCTLR" / cs.Int32ul,         # 0x504
+        "_pad508" / cs.Padding(0x540 - 0x508),
+        "IMSSTR" / cs.Int32ul,             # 0x540
+        "_pad544" / cs.Padding(0x560 - 0x544),
+        "IMRAM0ERRCTR" / cs.Int32ul,       # 0x560
+        "IMRAM0ERRSTR" / cs.Int32ul,
+        "IMRAM1ERRCTR" / cs.Int32ul,
+        "IMRAM1ERRSTR" / cs.Int32ul,
+        "IMRAM2ERRSTR" / cs.Int32ul,
+        "IMRAM3ERRSTR" / cs.Int32ul,
+        "IMRAMECCCMPCTR" / cs.Int32ul,
+        "IMRAMECCCMPSTR" / cs.Int32ul,     # 0x57c
+    )
+
+
+GLOBALS = Bank(GLOBALS_LAYOUT, [
     reg("IMPCTR", 0x200, BOTH, "PMB control"),
     reg("IMPSTR", 0x208, BOTH, "PMB status"),
     reg("IMPEAR", 0x20C, BOTH, "PMB error address"),

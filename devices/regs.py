@@ -1,8 +1,9 @@
 """Registers declared once, with their behaviour (QEMU ``REG32``/``FIELD``, Renode ``Define`` style).
 
 The layout -- every register's offset and width -- is declared once, as a ``construct.Struct``
-of fixed-size little-endian fields (names starting with ``_`` are gaps). A ``Reg`` adds what
-the register *does*: its name and explicit offset, width, access, reset value, named bit fields
+of fixed-size little-endian fields (names starting with ``_`` are gaps), through
+``devices.layout.layout`` (compiled once and cached: running needs no ``construct`` import).
+A ``Reg`` adds what the register *does*: its name and explicit offset, width, access, reset value, named bit fields
 and optional hooks. ``Bank`` pairs a layout with its ``Reg`` declarations, checks at import time
 that they agree (same names, offsets and widths), and compiles them into a dict keyed by
 ``(offset, access size)``: a bus access costs one dict lookup and never a ``construct`` parse.
@@ -24,7 +25,11 @@ register as written, ``old`` what it held before); ``on_read()`` returns the val
 mirrors device state reads. A bank repeated in a window (IPMMU contexts, uTLBs) passes the
 repetition's index first. ``RegisterFile`` is the state of one bank in one device.
 
-    BANK = Bank(cs.Struct("ID" / cs.Int32ul, "CTRL" / cs.Int32ul), [
+    @layout
+    def REGS(cs):
+        return cs.Struct("ID" / cs.Int32ul, "CTRL" / cs.Int32ul)
+
+    BANK = Bank(REGS, [
         Reg("ID", 0x0, access=RO, reset=0x31414D44),
         Reg("CTRL", 0x4, fields={"RUN": 0, "MODE": (4, 2)}, self_clearing=["RUN"], on_write="_go"),
     ])
@@ -35,8 +40,9 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
-import construct as cs
+from devices.layout import Layout, of_construct
 
 RW, RO, WO, W1C, W0C = "RW", "RO", "WO", "W1C", "W0C"
 ACCESS = (RW, RO, WO, W1C, W0C)
@@ -144,21 +150,17 @@ class Reg:
         return f"Reg({self.name}, {self.offset:#x}, width={self.width}, {self.access})"
 
 
-def layout_fields(layout: cs.Construct) -> dict[str, tuple[int, int]]:
-    """name -> (offset, size) of every named field of a flat ``construct.Struct``."""
-    out, offset = {}, 0
-    for sub in layout.subcons:
-        size = sub.sizeof()
-        if sub.name and not sub.name.startswith("_"):
-            out[sub.name] = (offset, size)
-        offset += size
-    return out
+def layout_fields(layout: Layout | Any) -> dict[str, tuple[int, int]]:
+    """name -> (offset, size) of every named field of a flat layout (or construct.Struct)."""
+    return (layout if isinstance(layout, Layout) else of_construct(layout)).named()
 
 
 class Bank:
     """A register block: a construct layout and the ``Reg`` declarations checked against it."""
 
-    def __init__(self, layout: cs.Construct, regs: Iterable[Reg], name: str = "") -> None:
+    def __init__(self, layout: Layout | Any, regs: Iterable[Reg], name: str = "") -> None:
+        if not isinstance(layout, Layout):
+            layout = of_construct(layout, name)       # a construct.Struct built in place
         self.layout = layout
         self.name = name
         self.size = layout.sizeof()
@@ -207,7 +209,7 @@ class Bank:
 
     def build(self, values: Mapping[str, int]) -> bytes:
         """The register block as bytes, unnamed registers at their reset value (tests, docs)."""
-        return self.layout.build({r.name: values.get(r.name, r.reset) for r in self})
+        return self.layout.construct.build({r.name: values.get(r.name, r.reset) for r in self})
 
 
 def bind(owner: object, hook: Hook, *args: object) -> Callable[..., int | None] | None:

@@ -6,22 +6,27 @@ works in machine addresses.
 """
 from __future__ import annotations
 
-import construct as cs
-
+from devices.layout import layout
 from devices.regs import RO, Bank, Reg, RegisterFile
 from vmm.registry import DeviceType, Key
 
 MAGIC = 0x4F464E49   # "INFO"
 
-LAYOUT = Bank(cs.Struct(
-    "MAGIC" / cs.Int32ul,
-    "_pad0" / cs.Padding(4),
-    "RAM_SIZE" / cs.Int64ul,
-    "P2M_ROOT" / cs.Int64ul,
-    "VTCR" / cs.Int32ul,
-    "IPA_BITS" / cs.Int32ul,
-    "FLAGS" / cs.Int32ul,
-), [
+
+@layout
+def SYSINFO_REGS(cs):
+    return cs.Struct(
+        "MAGIC" / cs.Int32ul,
+        "_pad0" / cs.Padding(4),
+        "RAM_SIZE" / cs.Int64ul,
+        "P2M_ROOT" / cs.Int64ul,
+        "VTCR" / cs.Int32ul,
+        "IPA_BITS" / cs.Int32ul,
+        "FLAGS" / cs.Int32ul,
+    )
+
+
+LAYOUT = Bank(SYSINFO_REGS, [
     Reg("MAGIC", 0x00, access=RO, reset=MAGIC, doc='"INFO"'),
     Reg("RAM_SIZE", 0x08, width=8, access=RO, doc="bytes of RAM"),
     Reg("P2M_ROOT", 0x10, width=8, access=RO, doc="machine address of the concatenated level-1 tables"),

@@ -23,8 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import construct as cs
-
+from devices.layout import layout
 from devices.virtqueue import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, Chain, RingError, compile_layout
 from vmm.dma import STATUS_PERMISSION, STATUS_TRANSLATION, DmaFault, Runs, Translator
 from vmm.explain import FaultExplanation
@@ -62,16 +61,20 @@ PROBE_SIZE = 512
 DEFAULT_MAX_MAPPINGS = 1_000_000
 MSI_START, MSI_END = 0xFEE00000, 0xFEEFFFFF       # the one RESV_MEM (MSI) region of every endpoint
 
-CONFIG_LAYOUT = cs.Struct(
-    "page_size_mask" / cs.Int64ul,
-    "input_start" / cs.Int64ul,
-    "input_end" / cs.Int64ul,
-    "domain_start" / cs.Int32ul,
-    "domain_end" / cs.Int32ul,
-    "probe_size" / cs.Int32ul,
-    "bypass" / cs.Int8ul,
-    "_reserved" / cs.Padding(3),
-)
+@layout
+def CONFIG_LAYOUT(cs):
+    return cs.Struct(
+        "page_size_mask" / cs.Int64ul,
+        "input_start" / cs.Int64ul,
+        "input_end" / cs.Int64ul,
+        "domain_start" / cs.Int32ul,
+        "domain_end" / cs.Int32ul,
+        "probe_size" / cs.Int32ul,
+        "bypass" / cs.Int8ul,
+        "_reserved" / cs.Padding(3),
+    )
+
+
 CONFIG, CONFIG_OFF = compile_layout(CONFIG_LAYOUT)
 assert CONFIG.size == 40 and CONFIG_OFF["bypass"] == 0x24
 
@@ -81,20 +84,54 @@ S_OK, S_IOERR, S_UNSUPP, S_DEVERR, S_INVAL, S_RANGE, S_NOENT, S_FAULT, S_NOMEM =
 ATTACH_F_BYPASS = 1 << 0
 MAP_F_READ, MAP_F_WRITE, MAP_F_MMIO = 1 << 0, 1 << 1, 1 << 2
 
-_HEAD = ("type" / cs.Int8ul, "_head_reserved" / cs.Padding(3))
-ATTACH_LAYOUT = cs.Struct(*_HEAD, "domain" / cs.Int32ul, "endpoint" / cs.Int32ul, "flags" / cs.Int32ul,
-                          "reserved" / cs.Int32ul)
-DETACH_LAYOUT = cs.Struct(*_HEAD, "domain" / cs.Int32ul, "endpoint" / cs.Int32ul, "_reserved" / cs.Padding(8))
-MAP_LAYOUT = cs.Struct(*_HEAD, "domain" / cs.Int32ul, "virt_start" / cs.Int64ul, "virt_end" / cs.Int64ul,
-                       "phys_start" / cs.Int64ul, "flags" / cs.Int32ul)
-UNMAP_LAYOUT = cs.Struct(*_HEAD, "domain" / cs.Int32ul, "virt_start" / cs.Int64ul, "virt_end" / cs.Int64ul,
-                         "_reserved" / cs.Padding(4))
-PROBE_LAYOUT = cs.Struct(*_HEAD, "endpoint" / cs.Int32ul, "_reserved" / cs.Padding(64))
-TAIL_LAYOUT = cs.Struct("status" / cs.Int8ul, "_reserved" / cs.Padding(3))
-RESV_MEM_LAYOUT = cs.Struct("type" / cs.Int16ul, "length" / cs.Int16ul, "subtype" / cs.Int8ul,
-                            "_reserved" / cs.Padding(3), "start" / cs.Int64ul, "end" / cs.Int64ul)
-FAULT_LAYOUT = cs.Struct("reason" / cs.Int8ul, "_reserved" / cs.Padding(3), "flags" / cs.Int32ul,
-                         "endpoint" / cs.Int32ul, "_reserved1" / cs.Padding(4), "address" / cs.Int64ul)
+def _head(cs) -> tuple:
+    return ("type" / cs.Int8ul, "_head_reserved" / cs.Padding(3))
+
+
+@layout
+def ATTACH_LAYOUT(cs):
+    return cs.Struct(*_head(cs), "domain" / cs.Int32ul, "endpoint" / cs.Int32ul, "flags" / cs.Int32ul,
+                     "reserved" / cs.Int32ul)
+
+
+@layout
+def DETACH_LAYOUT(cs):
+    return cs.Struct(*_head(cs), "domain" / cs.Int32ul, "endpoint" / cs.Int32ul, "_reserved" / cs.Padding(8))
+
+
+@layout
+def MAP_LAYOUT(cs):
+    return cs.Struct(*_head(cs), "domain" / cs.Int32ul, "virt_start" / cs.Int64ul, "virt_end" / cs.Int64ul,
+                     "phys_start" / cs.Int64ul, "flags" / cs.Int32ul)
+
+
+@layout
+def UNMAP_LAYOUT(cs):
+    return cs.Struct(*_head(cs), "domain" / cs.Int32ul, "virt_start" / cs.Int64ul, "virt_end" / cs.Int64ul,
+                     "_reserved" / cs.Padding(4))
+
+
+@layout
+def PROBE_LAYOUT(cs):
+    return cs.Struct(*_head(cs), "endpoint" / cs.Int32ul, "_reserved" / cs.Padding(64))
+
+
+@layout
+def TAIL_LAYOUT(cs):
+    return cs.Struct("status" / cs.Int8ul, "_reserved" / cs.Padding(3))
+
+
+@layout
+def RESV_MEM_LAYOUT(cs):
+    return cs.Struct("type" / cs.Int16ul, "length" / cs.Int16ul, "subtype" / cs.Int8ul,
+                     "_reserved" / cs.Padding(3), "start" / cs.Int64ul, "end" / cs.Int64ul)
+
+
+@layout
+def FAULT_LAYOUT(cs):
+    return cs.Struct("reason" / cs.Int8ul, "_reserved" / cs.Padding(3), "flags" / cs.Int32ul,
+                     "endpoint" / cs.Int32ul, "_reserved1" / cs.Padding(4), "address" / cs.Int64ul)
+
 
 ATTACH_REQ, _ = compile_layout(ATTACH_LAYOUT)
 DETACH_REQ, _ = compile_layout(DETACH_LAYOUT)

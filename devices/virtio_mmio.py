@@ -16,8 +16,7 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
-import construct as cs
-
+from devices.layout import layout
 from devices.regs import RO, WO, Bank, Reg, RegisterFile
 from devices.virtqueue import F_VERSION_1, SplitQueue
 from vmm.dma import DeviceMemory, Refuse, Translator
@@ -49,48 +48,55 @@ def _ring_half(ring: str, shift: int):
 
 # Registers are 32-bit. Write-only ones read 0; QueueReset (no VIRTIO_F_RING_RESET) reads 0 and
 # ignores writes; ConfigGeneration is 0 because config changes only by driver writes (never torn).
-LAYOUT = Bank(cs.Struct(
-    "MagicValue" / cs.Int32ul,          # 0x000
-    "Version" / cs.Int32ul,             # 0x004
-    "DeviceID" / cs.Int32ul,            # 0x008
-    "VendorID" / cs.Int32ul,            # 0x00c
-    "DeviceFeatures" / cs.Int32ul,      # 0x010
-    "DeviceFeaturesSel" / cs.Int32ul,   # 0x014
-    "_pad0" / cs.Padding(8),
-    "DriverFeatures" / cs.Int32ul,      # 0x020
-    "DriverFeaturesSel" / cs.Int32ul,   # 0x024
-    "_legacy0" / cs.Padding(8),         # GuestPageSize (legacy only)
-    "QueueSel" / cs.Int32ul,            # 0x030
-    "QueueNumMax" / cs.Int32ul,         # 0x034
-    "QueueNum" / cs.Int32ul,            # 0x038
-    "_legacy1" / cs.Padding(8),         # QueueAlign, QueuePFN (legacy only)
-    "QueueReady" / cs.Int32ul,          # 0x044
-    "_pad1" / cs.Padding(8),
-    "QueueNotify" / cs.Int32ul,         # 0x050
-    "_pad2" / cs.Padding(12),
-    "InterruptStatus" / cs.Int32ul,     # 0x060
-    "InterruptACK" / cs.Int32ul,        # 0x064
-    "_pad3" / cs.Padding(8),
-    "Status" / cs.Int32ul,              # 0x070
-    "_pad4" / cs.Padding(12),
-    "QueueDescLow" / cs.Int32ul,        # 0x080
-    "QueueDescHigh" / cs.Int32ul,       # 0x084
-    "_pad5" / cs.Padding(8),
-    "QueueDriverLow" / cs.Int32ul,      # 0x090
-    "QueueDriverHigh" / cs.Int32ul,     # 0x094
-    "_pad6" / cs.Padding(8),
-    "QueueDeviceLow" / cs.Int32ul,      # 0x0a0
-    "QueueDeviceHigh" / cs.Int32ul,     # 0x0a4
-    "_pad7" / cs.Padding(4),
-    "SHMSel" / cs.Int32ul,              # 0x0ac
-    "SHMLenLow" / cs.Int32ul,           # 0x0b0
-    "SHMLenHigh" / cs.Int32ul,          # 0x0b4
-    "SHMBaseLow" / cs.Int32ul,          # 0x0b8
-    "SHMBaseHigh" / cs.Int32ul,         # 0x0bc
-    "QueueReset" / cs.Int32ul,          # 0x0c0
-    "_pad8" / cs.Padding(0xFC - 0xC4),
-    "ConfigGeneration" / cs.Int32ul,    # 0x0fc
-), [
+
+
+@layout
+def TRANSPORT_REGS(cs):
+    return cs.Struct(
+        "MagicValue" / cs.Int32ul,          # 0x000
+        "Version" / cs.Int32ul,             # 0x004
+        "DeviceID" / cs.Int32ul,            # 0x008
+        "VendorID" / cs.Int32ul,            # 0x00c
+        "DeviceFeatures" / cs.Int32ul,      # 0x010
+        "DeviceFeaturesSel" / cs.Int32ul,   # 0x014
+        "_pad0" / cs.Padding(8),
+        "DriverFeatures" / cs.Int32ul,      # 0x020
+        "DriverFeaturesSel" / cs.Int32ul,   # 0x024
+        "_legacy0" / cs.Padding(8),         # GuestPageSize (legacy only)
+        "QueueSel" / cs.Int32ul,            # 0x030
+        "QueueNumMax" / cs.Int32ul,         # 0x034
+        "QueueNum" / cs.Int32ul,            # 0x038
+        "_legacy1" / cs.Padding(8),         # QueueAlign, QueuePFN (legacy only)
+        "QueueReady" / cs.Int32ul,          # 0x044
+        "_pad1" / cs.Padding(8),
+        "QueueNotify" / cs.Int32ul,         # 0x050
+        "_pad2" / cs.Padding(12),
+        "InterruptStatus" / cs.Int32ul,     # 0x060
+        "InterruptACK" / cs.Int32ul,        # 0x064
+        "_pad3" / cs.Padding(8),
+        "Status" / cs.Int32ul,              # 0x070
+        "_pad4" / cs.Padding(12),
+        "QueueDescLow" / cs.Int32ul,        # 0x080
+        "QueueDescHigh" / cs.Int32ul,       # 0x084
+        "_pad5" / cs.Padding(8),
+        "QueueDriverLow" / cs.Int32ul,      # 0x090
+        "QueueDriverHigh" / cs.Int32ul,     # 0x094
+        "_pad6" / cs.Padding(8),
+        "QueueDeviceLow" / cs.Int32ul,      # 0x0a0
+        "QueueDeviceHigh" / cs.Int32ul,     # 0x0a4
+        "_pad7" / cs.Padding(4),
+        "SHMSel" / cs.Int32ul,              # 0x0ac
+        "SHMLenLow" / cs.Int32ul,           # 0x0b0
+        "SHMLenHigh" / cs.Int32ul,          # 0x0b4
+        "SHMBaseLow" / cs.Int32ul,          # 0x0b8
+        "SHMBaseHigh" / cs.Int32ul,         # 0x0bc
+        "QueueReset" / cs.Int32ul,          # 0x0c0
+        "_pad8" / cs.Padding(0xFC - 0xC4),
+        "ConfigGeneration" / cs.Int32ul,    # 0x0fc
+    )
+
+
+LAYOUT = Bank(TRANSPORT_REGS, [
     Reg("MagicValue", 0x000, access=RO, reset=MAGIC),
     Reg("Version", 0x004, access=RO, reset=VERSION),
     Reg("DeviceID", 0x008, access=RO, on_read="_device_id"),

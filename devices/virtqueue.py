@@ -9,16 +9,15 @@ Rings live in guest-physical memory, which the device reaches through the ``Devi
 machine gives it over the domain's P2M (it caches the machine frame of each page it touched,
 because a request costs half a dozen small ring accesses).
 
-Layouts are declared once with ``construct`` and compiled to ``struct.Struct`` at import time;
-no ``construct`` parse runs per access.
+Layouts are declared once with ``construct`` (compiled once and cached by ``devices.layout``) and
+turned into ``struct.Struct`` at import time; no ``construct`` parse runs per access.
 """
 from __future__ import annotations
 
 import struct
 from typing import TYPE_CHECKING
 
-import construct as cs
-
+from devices.layout import Layout, layout
 from vmm.dma import DmaFault
 from vmm.memory import PAGE
 
@@ -30,38 +29,33 @@ if TYPE_CHECKING:
 # -- layouts ---------------------------------------------------------------------------------
 
 
-def compile_layout(layout: cs.Struct) -> tuple[struct.Struct, dict[str, int]]:
-    """A ``construct`` declaration of fixed little-endian fields -> (``struct.Struct``, offsets).
-
-    Fields whose name starts with ``_`` are padding the device ignores (``Nx``); named byte
-    strings become ``Ns``; integers keep their format character. The offsets table lets hot
-    code address one field without packing the whole structure.
-    """
-    fmt = "<"
-    offsets: dict[str, int] = {}
-    offset = 0
-    for sub in layout.subcons:
-        inner = getattr(sub, "subcon", sub)
-        size = sub.sizeof()
-        name = sub.name or "_"
-        fmtstr = getattr(inner, "fmtstr", None)
-        if name.startswith("_"):
-            fmt += f"{size}x"
-        elif fmtstr is not None:
-            fmt += fmtstr[1:]
-        else:
-            fmt += f"{size}s"
-        offsets[name] = offset
-        offset += size
-    compiled = struct.Struct(fmt)
-    assert compiled.size == offset, (layout, fmt)
-    return compiled, offsets
+def compile_layout(declared: Layout) -> tuple[struct.Struct, dict[str, int]]:
+    """A declared layout of fixed little-endian fields -> (``struct.Struct``, offsets). Fields whose
+    name starts with ``_`` are padding the device ignores (``Nx``); named byte strings become
+    ``Ns``; integers keep their format character. The offsets table lets hot code address one
+    field without packing the whole structure."""
+    return declared.struct()
 
 
-VRING_DESC_LAYOUT = cs.Struct("addr" / cs.Int64ul, "len" / cs.Int32ul, "flags" / cs.Int16ul, "next" / cs.Int16ul)
-VRING_AVAIL_HEADER_LAYOUT = cs.Struct("flags" / cs.Int16ul, "idx" / cs.Int16ul)      # then u16 ring[N], used_event
-VRING_USED_HEADER_LAYOUT = cs.Struct("flags" / cs.Int16ul, "idx" / cs.Int16ul)       # then elem[N], avail_event
-VRING_USED_ELEM_LAYOUT = cs.Struct("id" / cs.Int32ul, "len" / cs.Int32ul)
+@layout
+def VRING_DESC_LAYOUT(cs):
+    return cs.Struct("addr" / cs.Int64ul, "len" / cs.Int32ul, "flags" / cs.Int16ul, "next" / cs.Int16ul)
+
+
+@layout
+def VRING_AVAIL_HEADER_LAYOUT(cs):          # then u16 ring[N], used_event
+    return cs.Struct("flags" / cs.Int16ul, "idx" / cs.Int16ul)
+
+
+@layout
+def VRING_USED_HEADER_LAYOUT(cs):           # then elem[N], avail_event
+    return cs.Struct("flags" / cs.Int16ul, "idx" / cs.Int16ul)
+
+
+@layout
+def VRING_USED_ELEM_LAYOUT(cs):
+    return cs.Struct("id" / cs.Int32ul, "len" / cs.Int32ul)
+
 
 DESC, _ = compile_layout(VRING_DESC_LAYOUT)
 AVAIL_HEADER, AVAIL_OFF = compile_layout(VRING_AVAIL_HEADER_LAYOUT)
