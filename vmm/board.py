@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import tomllib
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 from vmm.registry import REGISTRY, DeviceType, Key, RegistryError, closest
@@ -47,8 +46,9 @@ class BoardSpec:
 
 
 def board_paths() -> dict[str, Path]:
-    folder = resources.files("vmm") / "boards"
-    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".toml")}
+    """The boards shipped with iommu-lab (package data beside this module)."""
+    folder = Path(__file__).resolve().parent / "boards"
+    return {p.stem: p for p in folder.glob("*.toml")}
 
 
 def list_boards() -> list[BoardSpec]:
