@@ -7,11 +7,15 @@ that translates is carried out whole, synchronously inside the CTRL write.
 """
 from __future__ import annotations
 
+import logging
+
 from devices.layout import layout
 from devices.regs import RO, W1C, Bank, Reg, RegisterFile
-from vmm.dma import STATUS_BAD_LENGTH, STATUS_OK, DeviceMemory, DmaFault
+from vmm.dma import ADDR_LIMIT, STATUS_BAD_LENGTH, STATUS_DMA_MASK, STATUS_OK, DeviceMemory, DmaFault
 from vmm.irq import IrqLine
 from vmm.registry import DeviceType, Key
+
+log = logging.getLogger("vmm.dma")
 
 ID_VALUE = 0x31414D44   # "DMA1"
 MAX_LEN = 1 << 20
@@ -31,6 +35,8 @@ def DMA_REGS(cs):
         "FAULT_ADDR" / cs.Int64ul,
         "MASTER_ID" / cs.Int32ul,
         "IRQ_STATUS" / cs.Int32ul,
+        "PASID" / cs.Int32ul,
+        "DMA_BITS" / cs.Int32ul,
     )
 
 
@@ -46,7 +52,11 @@ LAYOUT = Bank(DMA_REGS, [
     Reg("MASTER_ID", 0x30, access=RO, doc="uTLB or endpoint ID"),
     Reg("IRQ_STATUS", 0x34, access=W1C, fields={"RAISED": 0}, wmask=0b1, on_write="_irq_acked",
         doc="set when the IRQ is raised; write 1 to clear and lower it"),
+    Reg("PASID", 0x38, fields={"PASID": (0, 20), "VALID": 31}, wmask=0x800FFFFF,
+        doc="the PASID the engine's accesses carry while VALID is set (DESIGN section 6)"),
+    Reg("DMA_BITS", 0x3C, access=RO, doc="address lines the engine drives (DESIGN section 7)"),
 ], "dma engine")
+PASID = LAYOUT["PASID"]
 CTRL = LAYOUT["CTRL"]
 IRQ_STATUS = LAYOUT["IRQ_STATUS"]
 
@@ -54,10 +64,11 @@ IRQ_STATUS = LAYOUT["IRQ_STATUS"]
 class DmaEngine:
     LAYOUT = LAYOUT
 
-    def __init__(self, port: DeviceMemory, irq: IrqLine, master_id: int) -> None:
+    def __init__(self, port: DeviceMemory, irq: IrqLine, master_id: int, dma_bits: int = 64) -> None:
         self.port = port
         self.irq = irq
-        self.regs = RegisterFile(LAYOUT, self, MASTER_ID=master_id)
+        self.regs = RegisterFile(LAYOUT, self, MASTER_ID=master_id, DMA_BITS=dma_bits)
+        self.limit = 1 << dma_bits
         self.read = self.regs.read            # the bus face is the register file's: one call per access
         self.write = self.regs.write
         self.copies = 0
@@ -73,12 +84,21 @@ class DmaEngine:
     def run(self, irq: bool) -> None:
         src, dst, length = self.regs["SRC"], self.regs["DST"], self.regs["LEN"]
         status, fault_addr = STATUS_OK, 0
-        if not 1 <= length <= MAX_LEN:
+        if not 1 <= length <= MAX_LEN or src + length > ADDR_LIMIT or dst + length > ADDR_LIMIT:
             status = STATUS_BAD_LENGTH
+        elif src + length > self.limit or dst + length > self.limit:
+            # Hardware would drop the high address bits and hit low memory: refuse, loudly.
+            status = STATUS_DMA_MASK
+            fault_addr = max(src if src + length > self.limit else dst, self.limit)
+            log.warning("%s drives %d address lines but was programmed to touch %#x (copy [%#x, +%#x) -> "
+                        "[%#x, +%#x)); refused with STATUS 6: hardware would have truncated the address",
+                        self.port.name, self.regs["DMA_BITS"], fault_addr, src, length, dst, length)
         else:
+            pasid_reg = self.regs["PASID"]
+            pasid = PASID.PASID(pasid_reg) if PASID.VALID(pasid_reg) else None
             try:
-                src_runs = self.port.map(src, length, False)
-                dst_runs = self.port.map(dst, length, True)
+                src_runs = self.port.map(src, length, False, pasid)
+                dst_runs = self.port.map(dst, length, True, pasid)
                 self.port.check(src, src_runs)          # frames are judged once every page translated
                 self.port.check(dst, dst_runs)
             except DmaFault as fault:
@@ -94,10 +114,13 @@ class DmaEngine:
 
 
 def build(ctx, spec: dict) -> tuple[DmaEngine, int]:
-    return DmaEngine(ctx.dma_memory(spec), ctx.irq(spec["irq"]), spec["master"]), spec["size"]
+    if not 1 <= spec["dma_bits"] <= 64:
+        raise ValueError("dma_bits must be 1..64")
+    return DmaEngine(ctx.dma_memory(spec), ctx.irq(spec["irq"]), spec["master"], spec["dma_bits"]), spec["size"]
 
 
 DEVICE = DeviceType(
     "dma", build, master=True, doc="a memory-to-memory DMA engine: the bus master payloads and traces drive",
     keys=(Key("irq", int, doc="interrupt line raised when a copy with CTRL bit 1 ends"),
+          Key("dma_bits", int, 64, "address lines the engine drives (its DMA mask), 1..64"),
           Key("size", int, 0x1000, "window size")))

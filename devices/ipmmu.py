@@ -429,7 +429,8 @@ class UtlbTranslator:
         self.u = u
         self._root: Ipmmu | None = None
 
-    def translate(self, iova: int, length: int, write: bool) -> Runs:
+    def translate(self, iova: int, length: int, write: bool, pasid: int | None = None) -> Runs:
+        """The IPMMU has no PASID: a master's PASID is ignored."""
         root = self._root
         if root is None:
             root = self._root = self.inst.root

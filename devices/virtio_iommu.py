@@ -553,7 +553,7 @@ class EndpointTranslator:
         self.endpoint = endpoint
         self.p2m = p2m
 
-    def translate(self, iova: int, length: int, write: bool) -> Runs:
+    def translate(self, iova: int, length: int, write: bool, pasid: int | None = None) -> Runs:
         try:
             return self._translate(iova, length, write)
         except DmaFault:

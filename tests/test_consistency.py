@@ -260,7 +260,8 @@ def expected_values(m: Machine) -> dict[str, tuple[int, str]]:
     put("DMA_LEN_MAX", dma_engine.MAX_LEN, "dma_engine.MAX_LEN")
     for c_name, status in (("OK", vdma.STATUS_OK), ("XLATE_FAULT", vdma.STATUS_TRANSLATION),
                            ("PERM_FAULT", vdma.STATUS_PERMISSION), ("BAD_LEN", vdma.STATUS_BAD_LENGTH),
-                           ("REFUSED", vdma.STATUS_REFUSED)):
+                           ("REFUSED", vdma.STATUS_REFUSED), ("DMA_MASK", vdma.STATUS_DMA_MASK),
+                           ("PRIVATE", vdma.STATUS_PRIVATE), ("ISOLATION", vdma.STATUS_ISOLATION)):
         put(f"DMA_STATUS_{c_name}", status, "vmm.dma STATUS_*")
     for n, d in enumerate(engines):
         iommu = by_name.get(d.get("iommu"), {})

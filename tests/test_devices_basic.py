@@ -77,7 +77,9 @@ def test_outside_memory_is_status_2_with_first_failing_page(m):
     assert (status, fault) == (2, end)
     assert m.memory.read(0x1000, 8192) == b"\x22" * 8192          # a failed copy writes nothing
     status, fault = m.dma("dma3", 0x1000, (1 << 48) + 0x123, 16)
-    assert (status, fault) == (2, (1 << 48) + 0x123)            # the first byte the copy touches
+    assert (status, fault) == (6, (1 << 48) + 0x123)            # dma3 drives 32 address lines: beyond its mask
+    status, fault = m.dma("dma2", (1 << 48) + 0x123, 0x1000, 16)     # dma2 drives 64: the IOMMU decides
+    assert (status, fault) == (2, (1 << 48) + 0x123)              # unattached endpoint, bypass off
 
 
 def test_irq_raise_and_clear(m):

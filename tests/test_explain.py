@@ -125,8 +125,9 @@ def test_vmm_info_board_shows_the_map_and_topology():
     assert "  0000000000000000-0000000007ffffff ram (dom0, direct-mapped)" in lines
     assert "  00000000e67b0000-00000000e67b0fff ipmmu_mm: ipmmu, irq 0" in lines
     assert "  000000000a000000-000000000a0001ff virtio0: virtio-mmio [virtio-iommu], irq 16" in lines
-    assert "  dma0     (dma, domain dom0) -> ipmmu_ds1 uTLB 32" in lines
-    assert "  dma3     (dma, domain dom0) behind no IOMMU (bypass)  <-- UNPROTECTED" in lines
+    assert "  dma0     (dma, domain dom0, 32-bit) -> ipmmu_ds1 uTLB 32" in lines
+    assert "  dma3     (dma, domain dom0, 32-bit) behind no IOMMU (bypass)  <-- UNPROTECTED" in lines
+    assert "  dma4     (dma, domain dom0, 40-bit) -> ipmmu_ds0 uTLB 0" in lines
     data = json.loads(_vmm("info", "--board", "rcar-virt", "--ram", "256M", "--json").stdout)
     assert data["ram"][1] == {"domain": "dom0", "gpa": 1 << 32, "size": (256 << 20) - 0x0A000000, "direct": True}
     assert [m["name"] for m in data["masters"] if m["iommu"] is None] == ["dma3"]

@@ -47,6 +47,6 @@ def test_random_register_storms_with_dma_never_raise(p2m):
             status, _ = m.dma(rng.choice(MASTERS), src, dst, rng.choice((1, 64, 4096, 3 * 4096 + 5, 1 << 20)))
             statuses.add(status)
     print("statuses seen:", sorted(statuses), "walks:", m.walker.stats())
-    assert statuses <= {0, 2, 3}
+    assert statuses <= {0, 2, 3, 6}            # 6: beyond a 32/40-bit engine's mask
     assert {0, 2} <= statuses                 # copies got through (pass-through) and faults were provoked
     m.close()

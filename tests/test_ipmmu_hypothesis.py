@@ -8,9 +8,8 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_ipmmu_support import DS1, MM, PAGE, Rig
+from test_ipmmu_support import DS1, MM, PAGE, Rig, wide_machine
 
-from vmm import Machine
 from vmm.dma import DmaFault
 from vmm.walker import ADDRESS_SIZE, F_NS_CHECK, NS, PERMISSION, TRANSLATION, WALK_ABORT, R, Stage, W, range_pages
 from vmm.walker.reference import ReferenceWalker
@@ -25,7 +24,7 @@ TABLE_PAGES = 64
 
 @pytest.fixture(scope="module")
 def env():
-    m = Machine.from_board("rcar-virt")
+    m = wide_machine()
     pool = m.memory.alloc(TABLE_PAGES * PAGE, PAGE)
     yield Rig(m), pool, ReferenceWalker(m.memory)
     m.close()

@@ -5,7 +5,7 @@ back from registers, the dma engines and memory."""
 from __future__ import annotations
 
 import pytest
-from test_ipmmu_support import DS0, DS1, LEAF, MM, NSTABLE, PAGE, TABLE, Rig, Tables
+from test_ipmmu_support import DS0, DS1, LEAF, MM, NSTABLE, PAGE, TABLE, Rig, Tables, wide_machine
 
 from vmm import Machine
 from vmm.walker import F_S2, R, Stage, W
@@ -20,7 +20,7 @@ def imstr(bit: int, errcode: int, errlvl: int) -> int:
 
 @pytest.fixture
 def rig():
-    m = Machine.from_board("rcar-virt")
+    m = wide_machine()
     yield Rig(m)
     m.close()
 
@@ -264,7 +264,7 @@ def test_translations_are_cached_per_context(linux):
 
 @pytest.fixture(params=["direct", "scattered"])
 def xen(request):
-    m = Machine.from_board("rcar-virt", p2m=request.param)
+    m = wide_machine(p2m=request.param)
     rig = Rig(m)
     rig.xen_context(1, m.dom0.p2m.root)
     yield rig

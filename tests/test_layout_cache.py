@@ -42,6 +42,8 @@ def test_cache_skips_construct_and_follows_the_source(tmp_path):
     assert cache["layouts"]["L"][2] == ["b", 8, 8, "Q"]
     assert _run(tmp_path) == (fields, 19, False)           # from the cache: no construct import
     mod.write_text(mod.read_text().replace('"b" / cs.Int64ul', '"b" / cs.Int16ul'))
+    for pyc in (tmp_path / "__pycache__").glob("mylayouts.*.pyc"):
+        pyc.unlink()                                        # same size, same second: Python would reuse it
     fields2, size2, imported2 = _run(tmp_path)
     assert imported2 and size2 == 13 and fields2[2] == ("b", 8, 2, "H")
 

@@ -27,6 +27,8 @@ STATUS_TRANSLATION = 2
 STATUS_PERMISSION = 3
 STATUS_BAD_LENGTH = 4
 STATUS_REFUSED = 5
+STATUS_DMA_MASK = 6
+STATUS_PRIVATE = 7
 STATUS_ISOLATION = 8
 
 PAGE_MASK = ~(PAGE - 1)
@@ -50,15 +52,17 @@ class DmaFault(Exception):
 class Translator(Protocol):
     """What an IOMMU gives each of its masters."""
 
-    def translate(self, iova: int, length: int, write: bool) -> Runs:
-        """Machine runs covering [iova, iova + length), or raise DmaFault (recording the fault)."""
+    def translate(self, iova: int, length: int, write: bool, pasid: int | None = None) -> Runs:
+        """Machine runs covering [iova, iova + length), or raise DmaFault (recording the fault).
+        ``pasid`` is the access's PASID when the master sends one (PCIe PASID prefix, SMMU SSID);
+        translators without PASID support ignore it."""
         ...
 
 
 class Bypass:
     """A master behind no IOMMU under ``unprotected = "bypass"``: bus address = machine address."""
 
-    def translate(self, iova: int, length: int, write: bool) -> Runs:
+    def translate(self, iova: int, length: int, write: bool, pasid: int | None = None) -> Runs:
         return [(iova, length)]
 
 
@@ -71,7 +75,7 @@ class Refuse:
         self.why = why
         self.status = status
 
-    def translate(self, iova: int, length: int, write: bool) -> Runs:
+    def translate(self, iova: int, length: int, write: bool, pasid: int | None = None) -> Runs:
         raise DmaFault(self.status, iova, self.why)
 
 
@@ -82,7 +86,7 @@ class P2MTranslator:
     def __init__(self, p2m: P2M) -> None:
         self.p2m = p2m
 
-    def translate(self, iova: int, length: int, write: bool) -> Runs:
+    def translate(self, iova: int, length: int, write: bool, pasid: int | None = None) -> Runs:
         res = self.p2m.walker.translate_range(self.p2m.ctx_id, iova, length, W if write else R)
         if isinstance(res, Fault):
             from vmm.explain import FaultExplanation, explain_walk
@@ -141,13 +145,14 @@ class DeviceMemory:
         self._wr.clear()
 
     # -- translate --------------------------------------------------------------------------
-    def map(self, iova: int, length: int, write: bool) -> Runs:
+    def map(self, iova: int, length: int, write: bool, pasid: int | None = None) -> Runs:
         """Translate a transfer and check that it stays inside machine memory; raises DmaFault
         with the first byte of the failing page the transfer touches."""
         try:
             if iova < 0 or iova + length > ADDR_LIMIT:
                 raise DmaFault(STATUS_TRANSLATION, max(iova, 0) & (ADDR_LIMIT - 1), "beyond the address space")
-            runs = self.translator.translate(iova, length, write)
+            runs = self.translator.translate(iova, length, write, pasid) if pasid is not None else \
+                self.translator.translate(iova, length, write)
             size = self.memory.size
             cursor = iova
             for mpa, n in runs:

@@ -50,9 +50,11 @@
 #define DMA_LEN                 0x18    /* u32 bytes, 1 .. 1 MiB */
 #define DMA_CTRL                0x1C    /* u32 */
 #define DMA_STATUS              0x20    /* u32 RO */
-#define DMA_FAULT_ADDR          0x28    /* u64 RO, first failing IOVA (page base) */
+#define DMA_FAULT_ADDR          0x28    /* u64 RO, first failing IOVA (first byte of the failing page touched) */
 #define DMA_MASTER_ID           0x30    /* u32 RO, uTLB or endpoint ID */
 #define DMA_IRQ_STATUS          0x34    /* u32, bit 0; write 1 to clear */
+#define DMA_PASID               0x38    /* u32: [19:0] PASID, bit 31 valid (DESIGN section 6) */
+#define DMA_DMA_BITS            0x3C    /* u32 RO: address lines the engine drives (section 7) */
 
 #define DMA_ID_VALUE            0x31414d44u       /* "DMA1" */
 #define DMA_LEN_MAX             (1u << 20)
@@ -63,6 +65,11 @@
 #define DMA_STATUS_PERM_FAULT   3
 #define DMA_STATUS_BAD_LEN      4
 #define DMA_STATUS_REFUSED      5                 /* unprotected master, `fault` policy */
+#define DMA_STATUS_DMA_MASK     6                 /* beyond the engine's DMA_BITS: refused */
+#define DMA_STATUS_PRIVATE      7                 /* a secure guest's private page */
+#define DMA_STATUS_ISOLATION    8                 /* another domain's frame (isolation = "fault") */
+#define DMA_PASID_PASID         0xFFFFFu
+#define DMA_PASID_VALID         (1u << 31)
 #define DMA_IRQ_STATUS_RAISED   (1u << 0)
 
 /* Topology (H3 wiring): which IOMMU and master ID sits behind each engine. */
