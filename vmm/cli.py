@@ -85,10 +85,20 @@ def cmd_run(args) -> int:
         if why:
             print(f"vmm: {why}", file=sys.stderr)
             return EXIT_USAGE
+    if args.timeline:
+        from vmm.trace.batch import check_writable
+        why = check_writable(args.timeline, "--timeline")
+        if why:
+            print(f"vmm: {why}", file=sys.stderr)
+            return EXIT_USAGE
     image = find_image(args.image)       # an unknown payload name fails here, listing the known ones
     m = _machine(args)
     if args.explain_faults:
         m.fault_listeners.append(lambda e: print(e.text(), file=sys.stderr, flush=True))
+    timeline = None
+    if args.timeline:
+        from vmm.timeline import Timeline
+        timeline = Timeline(m, args.timeline)
     if not args.json:
         def echo(data: bytes) -> None:
             sys.stdout.buffer.write(data)
@@ -115,6 +125,8 @@ def cmd_run(args) -> int:
                 recorder.close()
             except OSError:
                 pass
+        if timeline is not None:
+            timeline.close()
     sys.stdout.flush()
     if args.json:
         print(json.dumps({"status": result.status, "reason": result.reason, "backend": result.backend,
@@ -179,6 +191,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print a JSON summary instead of streaming the console")
     r.add_argument("--explain-faults", action="store_true",
                    help="print every DMA fault to stderr with the walk that failed, level by level")
+    r.add_argument("--timeline", metavar="FILE",
+                   help="write a Chrome Trace Event timeline (Perfetto, chrome://tracing) of the run")
     r.set_defaults(func=cmd_run)
 
     t = sub.add_parser("replay", help="replay qtest-language MMIO traces with no CPU", epilog=REPLAY_STATUSES,
@@ -197,6 +211,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true", help="print one JSON summary line per trace (and a total)")
     t.add_argument("--explain-faults", action="store_true",
                    help="print every DMA fault to stderr with the walk that failed, level by level")
+    t.add_argument("--timeline", metavar="FILE",
+                   help="write a Chrome Trace Event timeline of the replay (one trace only)")
     t.set_defaults(func=cmd_replay)
 
     b = sub.add_parser("boards", help="list boards")

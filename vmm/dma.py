@@ -102,6 +102,7 @@ class P2MTranslator:
 
 
 Observer = Callable[[int, bytes], None]
+TransferListener = Callable[[str, int, int, bool, Runs], None]    # device, iova, length, write, runs
 
 
 class DeviceMemory:
@@ -119,10 +120,12 @@ class DeviceMemory:
 
     def __init__(self, memory: MachineMemory, resolve: Callable[[], Translator], name: str,
                  p2m: P2M | None = None, isolation: Isolation | None = None,
-                 report: Callable[[str, DmaFault, bool | None], None] | None = None) -> None:
+                 report: Callable[[str, DmaFault, bool | None], None] | None = None,
+                 transfers: list[TransferListener] | None = None) -> None:
         self.memory = memory
         self.isolation = isolation
         self.report = report            # the machine's fault log (explanations)
+        self.transfers = transfers if transfers is not None else []     # the machine's (timelines)
         self.view = memory.view
         self.name = name
         self._resolve = resolve
@@ -166,6 +169,9 @@ class DeviceMemory:
             if self.report is not None:
                 self.report(self.name, fault, write)
             raise
+        if self.transfers:
+            for listener in self.transfers:
+                listener(self.name, iova, length, write, runs)
         return runs
 
     def check(self, iova: int, runs: Runs) -> None:

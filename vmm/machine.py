@@ -15,7 +15,7 @@ from typing import Protocol
 from vmm import board as boards
 from vmm.bus import Bus, BusError
 from vmm.debugports import DebugConsole, DebugExit
-from vmm.dma import DmaFault, P2MTranslator
+from vmm.dma import DmaFault, P2MTranslator, TransferListener
 from vmm.explain import FaultExplanation
 from vmm.frames import HYPERVISOR, FrameOwners, Isolation
 from vmm.guestram import GuestRam, check_mappings
@@ -162,6 +162,7 @@ class Machine:
         self.fault_log: deque[FaultExplanation] = deque(maxlen=256)     # the latest explained faults
         self.fault_count = 0
         self.fault_listeners: list[Callable[[FaultExplanation], None]] = []
+        self.transfer_listeners: list[TransferListener] = []     # every translated device transfer
         self._closed = False
         self._ran = False
         self._select_access()

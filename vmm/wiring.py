@@ -43,13 +43,14 @@ class BuildContext:
         request buffers, which a VMM reads the way the domain's CPU sees them)."""
         translator = P2MTranslator(domain.p2m)
         return DeviceMemory(self.memory, lambda: translator, name, p2m=domain.p2m,
-                            isolation=self.machine.isolation_for(domain.name), report=self.machine.report_fault)
+                            isolation=self.machine.isolation_for(domain.name), report=self.machine.report_fault,
+                            transfers=self.machine.transfer_listeners)
 
     def dma_memory(self, spec: dict) -> DeviceMemory:
         """A bus master's window on memory: its IOMMU's translator, or the board's policy."""
         return DeviceMemory(self.memory, lambda: self.translator_for(spec), spec["name"],
                             isolation=self.machine.isolation_for(spec.get("domain", "dom0")),
-                            report=self.machine.report_fault)
+                            report=self.machine.report_fault, transfers=self.machine.transfer_listeners)
 
     def translator_for(self, spec: dict) -> Translator:
         iommu_name = spec.get("iommu")

@@ -31,6 +31,7 @@ class Options:
     p2m: str | None = None
     ram: str | None = None
     progress: bool = False
+    timeline: str | None = None       # write a Chrome trace-event timeline of the replay here
 
 
 def open_trace(path: str) -> tuple[Trace | None, str | None]:
@@ -63,9 +64,15 @@ def replay_path(path: str, opts: Options) -> ReplayResult:
         m, why = build_machine(trace, opts.board, opts.p2m, opts.ram)
     if why is not None:
         return ReplayResult(False, EXIT_ERROR, path, None, why, seconds=time.perf_counter() - t0)
+    timeline = None
+    if opts.timeline:
+        from vmm.timeline import Timeline
+        timeline = Timeline(m, opts.timeline)
     try:
         result = replay_trace(m, trace, progress=opts.progress).observe(m)
     finally:
+        if timeline is not None:
+            timeline.close()
         m.close()
     result.seconds = time.perf_counter() - t0
     return result
@@ -148,8 +155,17 @@ def main_replay(args) -> int:
             return EXIT_ERROR
     board = args.board if args.board != "rcar-virt" else None
     jobs = args.jobs or 1
+    if args.timeline:
+        if len(paths) != 1:
+            print("vmm: --timeline takes one trace", file=sys.stderr)
+            return EXIT_ERROR
+        why = check_writable(args.timeline, "--timeline")
+        if why:
+            print(f"vmm: {why}", file=sys.stderr)
+            return EXIT_ERROR
     opts = Options(board, args.p2m, args.ram,
-                   progress=not args.json and jobs == 1 and len(paths) == 1 and sys.stderr.isatty())
+                   progress=not args.json and jobs == 1 and len(paths) == 1 and sys.stderr.isatty(),
+                   timeline=args.timeline)
     t0 = time.perf_counter()
     results: list[ReplayResult] = []
     for r in replay_paths(paths, opts, jobs):
