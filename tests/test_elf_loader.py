@@ -136,3 +136,11 @@ def test_a_valid_header_on_a_huge_sparse_file_reads_only_its_segments(tmp_path):
         f.truncate(10 << 30)
     img = load_image(p, RAM)
     assert sum(len(s.data) for s in img.segments) < 0x10000
+
+
+def test_info_lists_sections_and_symbols_with_pyelftools(capsys):
+    from vmm import cli
+    assert cli.main(["info", "demo"]) == 0
+    out = capsys.readouterr().out
+    assert "  section .text            0x00100000 " in out
+    assert "the entry is _start32" in out and " functions, " in out

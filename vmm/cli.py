@@ -11,7 +11,7 @@ import sys
 
 from vmm.backends import BackendUnavailable
 from vmm.board import BoardError, describe_types, list_boards
-from vmm.elfload import ImageError, load_image
+from vmm.elfload import ImageError, describe_sections, load_image
 from vmm.images import available_images, find_image
 from vmm.logbudget import WarningBudget
 from vmm.registry import RegistryError
@@ -161,6 +161,7 @@ def cmd_info(args) -> int:
         board = load_board(args.board)
         img = load_image(find_image(args.image), ram_ranges(board.ram))
         print(img.describe())
+        print("\n".join(describe_sections(img.path, img.entry)))
         return 0
     from vmm.machine import Machine
     from vmm.mapinfo import format_map, machine_map

@@ -213,3 +213,34 @@ def place(image: Image, write, ram_ranges: list[tuple[int, int]]) -> int:
     info = struct.pack("<IIIIQQQQII", START_INFO_MAGIC, 1, 0, 0, 0, 0, 0, MEMMAP_ADDR, len(ram_ranges), 0)
     write(START_INFO_ADDR, info)
     return START_INFO_ADDR
+
+
+def describe_sections(path: str, entry: int) -> list[str]:
+    """``vmm info``'s second half: sections and symbols, read with pyelftools from a file that
+    ``load_image`` has already validated (so every header it reads lies inside the file). The loader
+    itself reads only headers and segments, with bounded reads, and never needs pyelftools."""
+    try:
+        from elftools.common.exceptions import ELFError
+        from elftools.elf.elffile import ELFFile
+        from elftools.elf.sections import SymbolTableSection
+    except ImportError:                   # pragma: no cover - pyelftools is a dependency
+        return ["  (sections and symbols: pyelftools is not installed)"]
+    lines: list[str] = []
+    try:
+        with open(path, "rb") as f:
+            elf = ELFFile(f)
+            for sec in elf.iter_sections():
+                if sec.name and sec["sh_type"] != "SHT_NULL" and sec["sh_flags"] & 2:      # SHF_ALLOC
+                    lines.append(f"  section {sec.name:<16} {sec['sh_addr']:#010x} {sec['sh_size']:#x} bytes")
+            symtab = elf.get_section_by_name(".symtab")
+            if isinstance(symtab, SymbolTableSection):
+                funcs = [s for s in symtab.iter_symbols() if s["st_info"]["type"] == "STT_FUNC"]
+                objs = sum(1 for s in symtab.iter_symbols() if s["st_info"]["type"] == "STT_OBJECT")
+                at_entry = [s.name for s in funcs if s["st_value"] == entry]
+                lines.append(f"  symbols: {len(funcs)} functions, {objs} objects"
+                             f"{'; the entry is ' + at_entry[0] if at_entry else ''} (debuggers: vmm run --gdb)")
+            else:
+                lines.append("  symbols: none (stripped)")
+    except (ELFError, OSError, ValueError, KeyError, AttributeError) as e:
+        lines.append(f"  (sections and symbols unreadable: {e})")
+    return lines
