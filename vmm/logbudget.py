@@ -16,6 +16,7 @@ class WarningBudget(logging.Filter):
         super().__init__()
         self.per_kind = per_kind
         self.seen: dict[str, int] = {}
+        self.example: dict[str, str] = {}       # the first warning of each kind that was not shown
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING or record.levelno >= logging.ERROR:
@@ -25,11 +26,13 @@ class WarningBudget(logging.Filter):
         if n > self.per_kind and len(self.seen) >= 4096 and key not in self.seen:
             return False                    # an unbounded variety of kinds: count nothing more
         self.seen[key] = n
+        if n == self.per_kind + 1:
+            self.example[key] = record.getMessage()
         if n == self.per_kind:
             record.msg = f"{record.msg} (further warnings like this are counted, not shown)"
         return n <= self.per_kind
 
     def summary(self) -> list[str]:
         """One line per kind that was cut short."""
-        return [f"{n - self.per_kind} more warning(s) like: {key}" for key, n in self.seen.items()
-                if n > self.per_kind]
+        return [f"{n - self.per_kind} more warning(s) like: {self.example.get(key, key)}"
+                for key, n in self.seen.items() if n > self.per_kind]
