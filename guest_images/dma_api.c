@@ -125,12 +125,15 @@ static void hyp_window(void)
 
 static void round_trips(struct device *dev)
 {
-    static const struct { size_t off, len; } cases[] = { { 0x123, 64 }, { 0x10, 3 * PAGE_SIZE } };
+    /* above 4 GiB: 64 bytes in a page, 12 KiB across four pages; low RAM: 256 bytes in a page */
+    static const struct { size_t off, len; int low; } cases[] = {
+        { 0x123, 64, 0 }, { 0x10, 3 * PAGE_SIZE, 0 }, { 0x80, 256, 1 } };
     uint64_t fa = 0;
     printf("-- %s (%s, %llu-bit mask)\n", dev->name, dev->ops->name, (unsigned long long)dma_bits(dev->engine));
     for (unsigned c = 0; c < ARRAY_SIZE(cases); c++) {
         size_t len = cases[c].len;
-        uint8_t *src = buffer(5) + cases[c].off, *dst = buffer(5) + cases[c].off;
+        uint8_t *src = (cases[c].low ? alloc_pages(5) : buffer(5)) + cases[c].off;
+        uint8_t *dst = (cases[c].low ? alloc_pages(5) : buffer(5)) + cases[c].off;
         fill(src, len, (uint8_t)(dev->engine * 16 + c));
         enum dma_path want = expected_path(dev, src, len);
         dma_addr_t a = dma_map_single(dev, src, len, DMA_TO_DEVICE);
