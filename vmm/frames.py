@@ -18,7 +18,9 @@ path, which finds the first private frame (STATUS 7) or the first crossing.
 from __future__ import annotations
 
 import logging
+from array import array
 from collections.abc import Callable
+from itertools import chain
 
 from vmm.memory import PAGE
 
@@ -34,6 +36,18 @@ _OWNER_OF = bytes(b & OWNER_MASK for b in range(256))             # translate() 
 _PRIVATE_OF = bytes(1 if b & PRIVATE else 0 for b in range(256))  # translate() table: bit 7 -> 1
 
 Runs = list[tuple[int, int]]
+C_FROM_RUNS = 4                  # transfers of more runs than this are judged by the C loop
+
+
+def _c_check():
+    """The compiled frame check (``vmm/backends/frames_build.py``), or None where it cannot be
+    built: then every run is judged in Python, which is slower, never different."""
+    try:
+        from vmm.backends import load_compiled
+        return load_compiled("_frames")
+    except ImportError as e:
+        log.debug("frame check in Python: %s", e)
+        return None
 
 
 class FrameOwners:
@@ -45,6 +59,8 @@ class FrameOwners:
         self.names = {FREE: "free machine memory", HYPERVISOR: "the hypervisor (P2M tables, pools)"}
         self.secure = False                 # some frame may be private: the slow path looks for bit 7
         self.listeners: list[Callable[[], None]] = []    # told when privacy changes (device caches)
+        self._c = _c_check()
+        self._c_map = self._c.ffi.from_buffer("uint8_t[]", self.map) if self._c is not None else None
 
     def add_owner(self, name: str) -> int:
         owner = len(self.names)
@@ -140,8 +156,16 @@ class Isolation:
         ((device address, machine runs) each, in the order the device touches them), or None.
         Private frames come first (STATUS 7, in transfer order); then crossings into frames the
         domain does not own are reported, and refused (STATUS 8) under ``isolation = "fault"``."""
-        m, own = self.owners.map, self._own
-        for _, runs in transfers:                       # the fast path: one lstrip per run
+        owners = self.owners
+        m, own = owners.map, self._own
+        if owners._c is not None and sum(len(runs) for _, runs in transfers) > C_FROM_RUNS:
+            flat = array("Q", chain.from_iterable(chain.from_iterable(runs for _, runs in transfers)))
+            c = owners._c
+            if c.lib.fc_first_other(owners._c_map, len(m), c.ffi.from_buffer("uint64_t[]", flat),
+                                    len(flat) // 2, self.owner) < 0:
+                return None
+            return self._slow(device, transfers)
+        for _, runs in transfers:                       # few runs: one lstrip per run
             for mpa, n in runs:
                 if n > 0 and m[mpa // PAGE:(mpa + n - 1) // PAGE + 1].lstrip(own):
                     return self._slow(device, transfers)
