@@ -26,5 +26,5 @@ class BuildPyWithGuests(build_py):
 
 
 setup(cffi_modules=["vmm/walker/build.py:ffibuilder", "vmm/backends/kvm_build.py:ffibuilder",
-                   "vmm/backends/emu_build.py:ffibuilder"],
+                   "vmm/backends/emu_build.py:ffibuilder", "vmm/backends/frames_build.py:ffibuilder"],
       cmdclass={"build_py": BuildPyWithGuests})

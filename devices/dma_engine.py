@@ -1,8 +1,9 @@
 """A minimal DMA engine: the bus master through which payloads and traces exercise IOMMUs.
 
-Semantics are the board contract (DESIGN.md section 3): a copy translates every page it
-touches -- source pages, then destination pages, ascending -- and stops at the first page that
-fails, writing nothing. So exactly one IOMMU fault is reported per failed copy, and a copy
+Semantics are the board contract (DESIGN.md sections 3 and 7): the DMA mask first, then a copy
+translates every page it touches -- source pages, then destination pages, ascending -- and stops
+at the first page that fails, writing nothing; only then are the machine frames judged (a secure
+domain's private page: STATUS 7; isolation). So exactly one IOMMU fault is reported per failed copy, and a copy
 that translates is carried out whole, synchronously inside the CTRL write.
 """
 from __future__ import annotations
@@ -99,8 +100,8 @@ class DmaEngine:
             try:
                 src_runs = self.port.map(src, length, False, pasid)
                 dst_runs = self.port.map(dst, length, True, pasid)
-                self.port.check(src, src_runs)          # frames are judged once every page translated
-                self.port.check(dst, dst_runs)
+                # frames are judged once every page translated: private (STATUS 7), then isolation
+                self.port.check_all([(src, src_runs), (dst, dst_runs)])
             except DmaFault as fault:
                 status, fault_addr = fault.status, fault.address
             else:

@@ -2,7 +2,8 @@
 
 Like Xen's XENFEAT_direct_mapped / XENFEAT_not_direct_mapped, exactly one of the two flag bits
 is set, so a driver can decide whether it may hand its physical addresses to an IOMMU that
-works in machine addresses.
+works in machine addresses. Bit 2 says the domain is secure (its pages are private until shared
+through the ``hyp`` window), as a pseries guest learns it runs as a secure VM.
 """
 from __future__ import annotations
 
@@ -32,16 +33,19 @@ LAYOUT = Bank(SYSINFO_REGS, [
     Reg("P2M_ROOT", 0x10, width=8, access=RO, doc="machine address of the concatenated level-1 tables"),
     Reg("VTCR", 0x18, access=RO, doc="the VTCR value for the P2M"),
     Reg("IPA_BITS", 0x1C, access=RO),
-    Reg("FLAGS", 0x20, access=RO, fields={"DIRECT": 0, "NOT_DIRECT": 1},
-        doc="exactly one is set: GPA == MPA for every page, or not"),
+    Reg("FLAGS", 0x20, access=RO, fields={"DIRECT": 0, "NOT_DIRECT": 1, "SECURE": 2},
+        doc="exactly one of DIRECT and NOT_DIRECT is set: GPA == MPA for every page, or not; SECURE: "
+            "the domain's memory is private unless shared (DESIGN section 7)"),
 ], "sysinfo")
 FLAGS = LAYOUT["FLAGS"]
 
 
 class SysInfo:
-    def __init__(self, ram_size: int, p2m_root: int, vtcr: int, ipa_bits: int, direct: bool) -> None:
+    def __init__(self, ram_size: int, p2m_root: int, vtcr: int, ipa_bits: int, direct: bool,
+                 secure: bool = False) -> None:
+        flags = (FLAGS.DIRECT.mask if direct else FLAGS.NOT_DIRECT.mask) | (FLAGS.SECURE.mask if secure else 0)
         self.regs = RegisterFile(LAYOUT, RAM_SIZE=ram_size, P2M_ROOT=p2m_root, VTCR=vtcr, IPA_BITS=ipa_bits,
-                                 FLAGS=FLAGS.DIRECT.mask if direct else FLAGS.NOT_DIRECT.mask)
+                                 FLAGS=flags)
 
     def read(self, offset: int, size: int) -> int:
         return self.regs.read(offset, size)
@@ -53,7 +57,7 @@ class SysInfo:
 def build(ctx, spec: dict) -> tuple[SysInfo, int]:
     dom = ctx.domain(spec["domain"])
     dev = SysInfo(ram_size=dom.ram_size, p2m_root=dom.p2m.root, vtcr=dom.p2m.vtcr, ipa_bits=40,
-                  direct=dom.direct)
+                  direct=dom.direct, secure=dom.secure)
     return dev, spec["size"]
 
 

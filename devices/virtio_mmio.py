@@ -171,6 +171,7 @@ class VirtioMmio:
         self.driver_features = 0            # all 64 bits, as DriverFeatures(Sel) assembled them
         self.needs_reset_reasons: deque[str] = deque(maxlen=16)     # the latest; a guest may loop on errors
         self.needs_reset_count = 0
+        mem.on_private = self._private_access     # a secure guest's private page (DESIGN section 7)
         backend.attach(self)
 
     # -- state the backend consults ----------------------------------------------------------
@@ -193,12 +194,20 @@ class VirtioMmio:
     def needs_reset(self, why: str) -> None:
         """An error the device cannot tie to one request: DEVICE_NEEDS_RESET (spec 2.1.2), with a
         configuration-change interrupt if the driver is already running."""
-        log.warning("virtio: device needs reset: %s", why)
+        # The first reason is the one that matters; what fails after it is its consequence.
+        first = not self.regs["Status"] & STATUS_DEVICE_NEEDS_RESET
+        log.log(logging.WARNING if first else logging.DEBUG, "virtio: device needs reset: %s", why)
         self.needs_reset_reasons.append(why)
         self.needs_reset_count += 1
         self.regs["Status"] |= STATUS_DEVICE_NEEDS_RESET
         if self.regs["Status"] & STATUS_DRIVER_OK:
             self.interrupt(INT_CONFIG_CHANGE)
+
+    def _private_access(self, why: str) -> None:
+        """A descriptor, ring or buffer lies in a page its secure guest has not shared: the device
+        stops touching guest memory (no buffer is used, nothing more written) until a reset."""
+        self.mem.block(why)
+        self.needs_reset(f"{self.mem.name}: private memory: {why}")
 
     def reset(self) -> None:
         """Device reset (Status = 0): queues, features, interrupts and the backend's state."""
@@ -207,6 +216,7 @@ class VirtioMmio:
         self.regs.reset()
         self.driver_features = 0
         self.irq.lower()
+        self.mem.unblock()
         self.mem.flush()
         self.backend.reset()
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import construct as cs
 import pytest
 
-from devices import dma_engine, ipmmu_regs, sysinfo, virtio_iommu, virtio_mmio, virtqueue
+from devices import dma_engine, hyp, ipmmu_regs, sysinfo, virtio_iommu, virtio_mmio, virtqueue
 from devices.ipmmu import S1_START_LEVEL, S2_START_LEVEL
 from devices.regs import RO, W0C, W1C, WO, Bank, LayoutError, Reg, RegisterFile, layout_fields
 from vmm import Machine
@@ -239,6 +239,18 @@ def expected_values(m: Machine) -> dict[str, tuple[int, str]]:
         "sysinfo IPA_BITS as the machine reads it")
     put("SYSINFO_F_DIRECT", sysinfo.FLAGS.DIRECT.mask, "sysinfo FLAGS.DIRECT")
     put("SYSINFO_F_NOT_DIRECT", sysinfo.FLAGS.NOT_DIRECT.mask, "sysinfo FLAGS.NOT_DIRECT")
+    put("SYSINFO_F_SECURE", sysinfo.FLAGS.SECURE.mask, "sysinfo FLAGS.SECURE")
+
+    hw = _devices(board, "hyp")[0]
+    put("HYP_BASE", hw["base"], "board hyp base")
+    put("HYP_SIZE", windows[hw["name"]], "hyp bus window")
+    for reg in hyp.LAYOUT:
+        put(f"HYP_{reg.name}", reg.offset, f"hyp {reg.name} offset")
+    for name in ("SHARE", "UNSHARE", "TRANSLATE", "EXCHANGE"):
+        put(f"HYP_CMD_{name}", getattr(hyp, f"CMD_{name}"), f"devices.hyp.CMD_{name}")
+    for name in ("OK", "BAD_RANGE", "NOT_SECURE", "NO_MEMORY", "BAD_COMMAND"):
+        put(f"HYP_STATUS_{name}", getattr(hyp, f"STATUS_{name}"), f"devices.hyp.STATUS_{name}")
+    put("HYP_ADDR_BITS_DEFAULT", hyp.LAYOUT["ADDR_BITS"].reset, "hyp ADDR_BITS reset")
 
     slots = _devices(board, "virtio-mmio")
     put("VIRTIO_MMIO_BASE", slots[0]["base"], "board virtio0 base")

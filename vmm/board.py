@@ -39,6 +39,7 @@ class BoardSpec:
     unprotected: str = "bypass"
     isolation: str = "warn"
     boot_bypass: bool = False
+    secure: bool = False                                  # dom0's memory is private (DESIGN section 7)
     devices: list[dict] = field(default_factory=list)
     domains: list[dict] = field(default_factory=list)     # extra CPU-less domains: {name, ram}
     source: str = ""
@@ -68,7 +69,8 @@ def load_board(name_or_path: str) -> BoardSpec:
 
 
 def parse_board(data: dict, source: str = "<dict>") -> BoardSpec:
-    known_keys = {"name", "description", "ram", "p2m", "unprotected", "isolation", "boot_bypass", "device", "domain"}
+    known_keys = {"name", "description", "ram", "p2m", "unprotected", "isolation", "boot_bypass", "secure", "device",
+                  "domain"}
     extra = set(data) - known_keys
     if extra:
         raise BoardError(f"{source}: unknown board key(s) {', '.join(sorted(extra))}")
@@ -80,6 +82,7 @@ def parse_board(data: dict, source: str = "<dict>") -> BoardSpec:
         unprotected=str(data.get("unprotected", "bypass")),
         isolation=str(data.get("isolation", "warn")),
         boot_bypass=bool(data.get("boot_bypass", False)),
+        secure=data.get("secure", False),
         devices=[dict(d) for d in data.get("device", [])],
         domains=[dict(d) for d in data.get("domain", [])],
         source=source,
@@ -96,6 +99,8 @@ def validate(spec: BoardSpec) -> None:
         raise BoardError(f"{where}: unprotected must be 'bypass' or 'fault', not {spec.unprotected!r}")
     if spec.isolation not in ("warn", "fault", "off"):
         raise BoardError(f"{where}: isolation must be 'warn', 'fault' or 'off', not {spec.isolation!r}")
+    if not isinstance(spec.secure, bool):
+        raise BoardError(f"{where}: secure must be true or false, not {spec.secure!r}")
     if spec.ram < (2 << 20) or spec.ram % 4096:
         raise BoardError(f"{where}: ram must be at least 2 MiB and a multiple of 4 KiB")
     if spec.ram > (64 << 30):
@@ -106,6 +111,11 @@ def validate(spec: BoardSpec) -> None:
             raise BoardError(f"{where}: each extra domain needs a new name")
         domain_names.add(dom["name"])
         dom["ram"] = parse_size(dom.get("ram", "16M"))
+        unknown = set(dom) - {"name", "ram", "secure"}
+        if unknown:
+            raise BoardError(f"{where}: domain {dom['name']!r}: unknown key(s) {', '.join(sorted(unknown))}")
+        if not isinstance(dom.setdefault("secure", False), bool):
+            raise BoardError(f"{where}: domain {dom['name']!r}: secure must be true or false")
     names: set[str] = set()
     for i, dev in enumerate(spec.devices):
         name = dev.setdefault("name", f"device{i}")

@@ -41,7 +41,8 @@ REPLAY_STATUSES = """exit status (the worst over all traces given):
 
 def _machine(args):
     from vmm.machine import Machine
-    return Machine.from_board(args.board, p2m=args.p2m, ram=getattr(args, "ram", None))
+    return Machine.from_board(args.board, p2m=args.p2m, ram=getattr(args, "ram", None),
+                              secure=True if getattr(args, "secure", False) else None)
 
 
 def _seconds(text: str) -> float:
@@ -109,7 +110,7 @@ def cmd_run(args) -> int:
     if args.record:
         from vmm.trace import Recorder
         recorder = Recorder(m, args.record, note=f"recorded from: vmm run {image} "
-                            f"--backend {args.backend} --p2m {m.board.p2m}")
+                            f"--backend {args.backend} --p2m {m.board.p2m}{' --secure' if m.board.secure else ''}")
     try:
         result = m.run(image, backend=args.backend, timeout=args.timeout)
         if recorder is not None:
@@ -185,6 +186,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--board", default="rcar-virt")
     r.add_argument("--p2m", choices=["direct", "scattered"], default=None)
     r.add_argument("--ram", default=None, help="guest RAM size, e.g. 256M")
+    r.add_argument("--secure", action="store_true",
+                   help="a secure guest: devices may touch only the pages it shares through hyp (DESIGN section 7)")
     r.add_argument("--timeout", type=_seconds, default=10.0,
                    help=f"seconds before a runaway guest is stopped, {TIMEOUT_MIN:g} to {TIMEOUT_MAX:g} "
                         "(0: no limit; default 10)")
@@ -199,13 +202,14 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("replay", help="replay qtest-language MMIO traces with no CPU", epilog=REPLAY_STATUSES,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Replay each trace on a fresh machine built from its header (# board:, "
-                                   "# p2m:, # ram:) and the options, which win over the header. Prints one "
+                                   "# p2m:, # ram:, # secure:) and the options, which win over the header. Prints one "
                                    "line per trace (ok lines on stdout, failures on stderr) and, for several "
                                    "traces, a total.")
     t.add_argument("trace", nargs="+", help="trace files (qtest language or QEMU -qtest-log)")
     t.add_argument("--board", default="rcar-virt")
     t.add_argument("--p2m", choices=["direct", "scattered"], default=None)
     t.add_argument("--ram", default=None, help="guest RAM size, e.g. 256M (overrides the header's # ram:)")
+    t.add_argument("--secure", action="store_true", help="a secure dom0 (overrides the header's # secure:)")
     t.add_argument("-j", "--jobs", type=_jobs, default=1, metavar="N",
                    help="replay in N worker processes, each building its own machines (0: one per CPU)")
     t.add_argument("--junit", metavar="FILE", help="also write a JUnit XML report (one testcase per trace)")

@@ -134,8 +134,12 @@ class DeviceMemory:
         self._rd: dict[int, int] = {}
         self._wr: dict[int, int] = {}
         self._cache = p2m is not None
+        self.on_private: Callable[[str], None] | None = None     # told when an access meets a private frame
+        self.blocked: str | None = None
         if p2m is not None:
             p2m.listeners.append(self.flush)
+            if isolation is not None:
+                isolation.owners.listeners.append(self.flush)     # sharing changed: judge frames again
 
     @property
     def translator(self) -> Translator:
@@ -175,23 +179,48 @@ class DeviceMemory:
         return runs
 
     def check(self, iova: int, runs: Runs) -> None:
-        """The isolation watchdog (``vmm.frames``): report runs that leave the device's domain and,
-        under ``isolation = "fault"``, refuse them with STATUS 8. Separate from ``map`` because a
-        master translates all its pages before any frame is judged."""
+        """The frame checks (``vmm.frames``) of one transfer: see ``check_all``."""
+        if self.isolation is not None:
+            self.check_all([(iova, runs)])
+
+    def check_all(self, transfers: list[tuple[int, Runs]]) -> None:
+        """Judge the machine frames of a translated access, given as (device address, runs) in the
+        order the device touches them: a private frame of a secure domain is refused with STATUS 7
+        (the first one over all transfers); runs that leave the device's domain are reported and,
+        under ``isolation = "fault"``, refused with STATUS 8. Separate from ``map`` because a master
+        translates all its pages before any frame is judged."""
         iso = self.isolation
-        if iso is not None:
-            at = iso.check(self.name, iova, runs)
-            if at is not None and iso.policy == "fault":
-                fault = DmaFault(STATUS_ISOLATION, at, "crosses into a frame its domain does not own "
-                                 f"(isolation = \"fault\"): {iso.last}")
-                if self.report is not None:
-                    self.report(self.name, fault, None)
-                raise fault
+        if iso is None:
+            return
+        verdict = iso.judge(self.name, transfers)
+        if verdict is None:
+            return
+        status, at = verdict
+        if status == STATUS_PRIVATE:
+            fault = DmaFault(status, at, f"touches private memory: {iso.last}")
+        else:
+            fault = DmaFault(status, at, f"crosses into a frame its domain does not own (isolation = \"fault\"): "
+                                         f"{iso.last}")
+        if self.report is not None:
+            self.report(self.name, fault, None)
+        if status == STATUS_PRIVATE and self.on_private is not None:
+            self.on_private(fault.why)
+        raise fault
+
+    def block(self, why: str) -> None:
+        """Refuse every further access until ``unblock`` (a virtio device that needs a reset)."""
+        self.blocked = why
+        self.flush()
+
+    def unblock(self) -> None:
+        self.blocked = None
 
     def map_checked(self, iova: int, length: int, write: bool) -> Runs:
+        if self.blocked is not None:
+            raise DmaFault(STATUS_PRIVATE, iova, f"the device waits for a reset: {self.blocked}")
         runs = self.map(iova, length, write)
         if self.isolation is not None:
-            self.check(iova, runs)
+            self.check_all([(iova, runs)])
         return runs
 
     def page(self, page: int, write: bool) -> int:

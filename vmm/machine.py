@@ -31,6 +31,7 @@ log = logging.getLogger("vmm")
 LOW_RAM_END = 0x0A000000        # RAM stops below the device window (160 MiB) ...
 HIGH_RAM_BASE = 1 << 32         # ... and continues at 4 GiB
 POOL_SIZE = 32 << 20            # hypervisor frames: P2M tables, harness-built tables
+EXCHANGE_RESERVE = 16 << 20     # free machine memory kept below 4 GiB for `hyp` exchanges (section 7)
 MIB2 = 2 << 20
 
 
@@ -73,6 +74,7 @@ class Domain:
     p2m: P2M
     ram_ranges: list[tuple[int, int]]
     direct: bool
+    secure: bool = False                 # memory private unless shared (DESIGN section 7)
     ram: GuestRam | None = None
     owner: int = 0                       # its id in the machine's frame-ownership map
     p2m_translator: P2MTranslator = field(init=False)
@@ -134,11 +136,14 @@ class Machine:
     ``cpu=False`` builds it without the CPU's view of guest RAM (host mappings, one per guest page
     on a scattered P2M): for replay and recording twins, which reach guest memory through the P2M.
     ``quiet=True`` keeps its start-up and unclaimed-access warnings to itself (a twin repeats what
-    the real machine already said).
+    the real machine already said). ``secure`` overrides the board's ``secure`` key (dom0's memory
+    private unless its guest shares it, DESIGN section 7).
     """
 
     def __init__(self, spec: boards.BoardSpec, *, p2m: str | None = None, ram: int | str | None = None,
-                 cpu: bool = True, quiet: bool = False) -> None:
+                 cpu: bool = True, quiet: bool = False, secure: bool | None = None) -> None:
+        if secure is not None:
+            spec.secure = bool(secure)
         if p2m is not None:
             spec.p2m = p2m
         if ram is not None:
@@ -189,20 +194,24 @@ class Machine:
         pool_start = _align(guest_end, MIB2)
         extra_start = pool_start + POOL_SIZE
         extra_total = sum(_align(d["ram"], MIB2) for d in spec.domains)
-        self.memory = MachineMemory(extra_start + extra_total)
+        end = extra_start + extra_total
+        # Exchanges need machine-contiguous free frames below 4 GiB: keep 16 MiB of them at the end,
+        # or (a direct layout reaching past 4 GiB) in the hole below 4 GiB that no guest page uses.
+        self.exchange_reserve = (end, EXCHANGE_RESERVE) if end + EXCHANGE_RESERVE <= HIGH_RAM_BASE else None
+        self.memory = MachineMemory(end + (EXCHANGE_RESERVE if self.exchange_reserve else 0))
         self.memory.set_pool(pool_start, extra_start)
         self.frames = FrameOwners(self.memory.size)
         self.frames.assign(pool_start, extra_start - pool_start, HYPERVISOR)
         self.walker = Walker(self.memory)
         self.domains: dict[str, Domain] = {}
 
-        dom0 = self._new_domain("dom0", ranges, direct=spec.p2m == "direct")
+        dom0 = self._new_domain("dom0", ranges, direct=spec.p2m == "direct", secure=spec.secure)
         if spec.p2m == "direct":
             for gpa, size in ranges:
                 dom0.p2m.populate(gpa, gpa, size)
-                self.frames.assign(gpa, size, dom0.owner)
+                self.frames.assign(gpa, size, dom0.owner, private=dom0.secure)
         else:
-            self.frames.assign(PAGE, spec.ram, dom0.owner, step=2)
+            self.frames.assign(PAGE, spec.ram, dom0.owner, step=2, private=dom0.secure)
             # Cache-colouring style: guest page i lives on machine frame 2i+1, so no two guest
             # pages are machine-adjacent and no GPA equals its MPA.
             i = 0
@@ -212,9 +221,9 @@ class Machine:
                     i += 1
         mpa = extra_start
         for d in spec.domains:
-            dom = self._new_domain(d["name"], [(0, d["ram"])], direct=False)
+            dom = self._new_domain(d["name"], [(0, d["ram"])], direct=False, secure=d.get("secure", False))
             dom.p2m.populate(0, mpa, d["ram"])
-            self.frames.assign(mpa, d["ram"], dom.owner)
+            self.frames.assign(mpa, d["ram"], dom.owner, private=dom.secure)
             mpa += _align(d["ram"], MIB2)
         if self.cpu_view and spec.p2m == "scattered":
             why = check_mappings(spec.ram // PAGE)
@@ -226,10 +235,10 @@ class Machine:
                 dom.ram = GuestRam(self.memory.fd, dom.ram_ranges, dom.p2m.lookup_pages)
                 dom.p2m.ram = dom.ram
 
-    def _new_domain(self, name: str, ranges: list[tuple[int, int]], direct: bool) -> Domain:
+    def _new_domain(self, name: str, ranges: list[tuple[int, int]], direct: bool, secure: bool = False) -> Domain:
         ctx = self.alloc_ctx_id()
         dom = Domain(name, len(self.domains), P2M(self.memory, self.walker, ctx, s2_id=len(self.domains)),
-                     ranges, direct)
+                     ranges, direct, secure)
         dom.owner = self.frames.add_owner(f"domain {name}")
         self.domains[name] = dom
         return dom
@@ -282,8 +291,9 @@ class Machine:
 
     # -- the isolation watchdog --------------------------------------------------------------
     def isolation_for(self, domain: str) -> Isolation | None:
-        """The watchdog a device acting for ``domain`` gets (None under ``isolation = "off"``)."""
-        if self.board.isolation == "off":
+        """The frame checks a device acting for ``domain`` gets: the private check on a machine with
+        a secure domain, the isolation watchdog unless ``isolation = "off"`` (None: neither)."""
+        if self.board.isolation == "off" and not any(d.secure for d in self.domains.values()):
             return None
         return Isolation(self.frames, self.domains[domain].owner, domain, self.board.isolation, self._crossed)
 

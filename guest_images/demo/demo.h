@@ -15,8 +15,9 @@
 void demo_sysinfo(void);
 void demo_ram(void);
 
-/* demo/ipmmu.c, demo/virtio_iommu.c (optional) */
+/* demo/ipmmu.c, demo/virtio_iommu.c, demo/dma_bugs.c (optional) */
 void demo_ipmmu(void) __attribute__((weak));
 void demo_virtio_iommu(void) __attribute__((weak));
+void demo_dma_bugs(void) __attribute__((weak));
 
 #endif

@@ -33,7 +33,7 @@ static void stage1_scene(void)
 {
     const unsigned c = 1;
     const uint64_t IOVA = 0x80000000, HOLE = 0x80001000;
-    struct lpae_pgtable pt = { alloc_pages(1) };
+    struct lpae_pgtable pt = { .pgd = alloc_pages(1) };
     char *src = alloc_pages(1), *dst = alloc_pages(1);
 
     if (!pt.pgd || !src || !dst || lpae_map(&pt, IOVA, (uintptr_t)dst, PAGE_SIZE, IOMMU_READ | IOMMU_WRITE)) {

@@ -27,6 +27,29 @@
 #define SYSINFO_IPA_BITS_VALUE  40
 #define SYSINFO_F_DIRECT        (1u << 0)         /* GPA == MPA everywhere */
 #define SYSINFO_F_NOT_DIRECT    (1u << 1)         /* exactly one is set */
+#define SYSINFO_F_SECURE        (1u << 2)         /* memory private unless shared (section 7) */
+
+/* ---- hyp: the hypercall window (DESIGN section 7) ------------------------ */
+#define HYP_BASE                0x0C001000ULL
+#define HYP_SIZE                0x1000
+#define HYP_GPA                 0x00    /* u64 RW, 4 KiB aligned */
+#define HYP_PAGES               0x08    /* u32 RW */
+#define HYP_CMD                 0x0C    /* u32 WO: the command runs inside the write */
+#define HYP_STATUS              0x10    /* u32 RO */
+#define HYP_ADDR_BITS           0x14    /* u32 RW, default 32 (exchange) */
+#define HYP_RESULT              0x18    /* u64 RO */
+#define HYP_SHARED              0x20    /* u64 RO: guest pages shared now */
+
+#define HYP_CMD_SHARE           1
+#define HYP_CMD_UNSHARE         2
+#define HYP_CMD_TRANSLATE       3       /* RESULT = machine address of GPA */
+#define HYP_CMD_EXCHANGE        4       /* RESULT = first machine address of the contiguous run */
+#define HYP_STATUS_OK           0
+#define HYP_STATUS_BAD_RANGE    1       /* unaligned, not guest RAM, PAGES 0 */
+#define HYP_STATUS_NOT_SECURE   2       /* share/unshare in a domain that is not secure */
+#define HYP_STATUS_NO_MEMORY    3
+#define HYP_STATUS_BAD_COMMAND  4       /* CMD is none of 1..4 */
+#define HYP_ADDR_BITS_DEFAULT   32
 
 /* ---- virtio-mmio transports (version 2) --------------------------------- */
 #define VIRTIO_MMIO_BASE        0x0A000000ULL

@@ -116,6 +116,11 @@ static inline int board_is_direct(void)
 
 struct lpae_pgtable {
     uint64_t *pgd;          /* level 1: 4 entries for a 32-bit IOVA space */
+    /* Where the IPMMU finds the tables: the machine address of a table is its guest address +
+     * bus_offset (0 on a direct-mapped board; an exchanged, machine-contiguous arena otherwise),
+     * and new tables come from alloc_table (NULL: alloc_pages). Zero-initialised: as before. */
+    uint64_t bus_offset;
+    void *(*alloc_table)(void);
 };
 
 /* The leaf attributes arm_lpae_prot_to_pte() gives a non-cacheable mapping
@@ -142,15 +147,16 @@ static inline int lpae_map(struct lpae_pgtable *pt, uint64_t iova, uint64_t padd
         unsigned idx = (iova >> shift) & (lvl == 1 ? 3 : 511);
         uint64_t pte = table[idx];
         if (!(pte & 1)) {
-            uint64_t *next = alloc_pages(1);
+            uint64_t *next = pt->alloc_table ? pt->alloc_table() : alloc_pages(1);
             if (!next)
                 return -1;
-            pte = ((uint64_t)(uintptr_t)next & ARM_LPAE_ADDR_MASK) | ARM_LPAE_PTE_NSTABLE | ARM_LPAE_PTE_TYPE_TABLE;
+            pte = (((uint64_t)(uintptr_t)next + pt->bus_offset) & ARM_LPAE_ADDR_MASK) | ARM_LPAE_PTE_NSTABLE |
+                  ARM_LPAE_PTE_TYPE_TABLE;
             table[idx] = pte;
         } else if ((pte & 3) != ARM_LPAE_PTE_TYPE_TABLE) {
             return -1;          /* a block is in the way */
         }
-        table = (uint64_t *)(uintptr_t)(pte & ARM_LPAE_ADDR_MASK);
+        table = (uint64_t *)(uintptr_t)((pte & ARM_LPAE_ADDR_MASK) - pt->bus_offset);
     }
     unsigned shift = 12 + 9 * (3 - leaf_lvl);
     unsigned idx = (iova >> shift) & (leaf_lvl == 1 ? 3 : 511);
@@ -173,7 +179,7 @@ static inline int lpae_unmap(struct lpae_pgtable *pt, uint64_t iova)
             table[idx] = 0;
             return 0;
         }
-        table = (uint64_t *)(uintptr_t)(pte & ARM_LPAE_ADDR_MASK);
+        table = (uint64_t *)(uintptr_t)((pte & ARM_LPAE_ADDR_MASK) - pt->bus_offset);
     }
     return -1;
 }

@@ -236,6 +236,12 @@ _Static_assert(sizeof(struct virtio_iommu_fault) == 24, "fault layout");
 
 /* ---- a minimal synchronous driver ------------------------------------------ */
 
+/* Where the driver's rings and buffers come from. A secure guest (dma_api.h) defines it to give
+ * pages it has shared, as Linux's virtio_ring allocates with dma_alloc_coherent. */
+#ifndef VIRTIO_ALLOC_PAGES
+#define VIRTIO_ALLOC_PAGES(n)   alloc_pages(n)
+#endif
+
 #ifndef VIOMMU_QNUM
 #define VIOMMU_QNUM         128     /* our queue size (device max is 256) */
 #endif
@@ -256,6 +262,7 @@ struct viommu {
     struct vq evt;
     struct virtio_iommu_fault *evbuf;   /* VIOMMU_EVBUFS records */
     uint8_t *probe_buf;                 /* scratch for PROBE */
+    uint8_t *bounce;                    /* non-NULL: requests go through this shared page (secure guests) */
 };
 
 static inline uint32_t vio_r32(struct viommu *v, uint32_t off) { return mmio_read32(v->base + off); }
@@ -269,7 +276,7 @@ static inline int vq_alloc(struct vq *q, uint16_t num)
     size_t dpages = (16u * num + PAGE_SIZE - 1) / PAGE_SIZE;
     size_t apages = (6u + 2u * num + PAGE_SIZE - 1) / PAGE_SIZE;
     size_t upages = (6u + 8u * num + PAGE_SIZE - 1) / PAGE_SIZE;
-    uint8_t *mem = alloc_pages(dpages + apages + upages);
+    uint8_t *mem = VIRTIO_ALLOC_PAGES(dpages + apages + upages);
     if (!mem)
         return -1;
     q->num = num;
@@ -320,6 +327,7 @@ static inline void viommu_post_event(struct viommu *v, uint16_t i)
 static inline int viommu_init(struct viommu *v, uint64_t base, uint64_t features)
 {
     v->base = base;
+    v->bounce = 0;
     if (vio_r32(v, VIRTIO_MMIO_MAGIC_VALUE) != VIRTIO_MMIO_MAGIC || vio_r32(v, VIRTIO_MMIO_VERSION) != 2 ||
         vio_r32(v, VIRTIO_MMIO_DEVICE_ID) != VIRTIO_ID_IOMMU)
         return -1;
@@ -335,8 +343,8 @@ static inline int viommu_init(struct viommu *v, uint64_t base, uint64_t features
         return -2;
     if (vq_alloc(&v->req, VIOMMU_QNUM) || vq_alloc(&v->evt, VIOMMU_QNUM))
         return -3;
-    v->evbuf = alloc_pages(1);
-    v->probe_buf = alloc_pages(1);
+    v->evbuf = VIRTIO_ALLOC_PAGES(1);
+    v->probe_buf = VIRTIO_ALLOC_PAGES(1);
     if (!v->evbuf || !v->probe_buf)
         return -3;
     /* The request queue is polled: ask for no interrupts (as Linux, which has no callback). */
@@ -393,9 +401,19 @@ static inline unsigned viommu_kick(struct viommu *v, uint32_t *last_len)
 static inline uint32_t viommu_send(struct viommu *v, const void *req, uint32_t rlen, void *wbuf, uint32_t wlen)
 {
     uint32_t len = 0;
-    viommu_queue(v, 0, req, rlen, wbuf, wlen);
+    uint8_t *b = v->bounce;
+    if (b && rlen + wlen <= PAGE_SIZE) {
+        /* A secure guest's device reads and writes shared pages only: bounce the request. */
+        memcpy(b, req, rlen);
+        viommu_queue(v, 0, b, rlen, b + rlen, wlen);
+    } else {
+        viommu_queue(v, 0, req, rlen, wbuf, wlen);
+        b = 0;
+    }
     if (viommu_kick(v, &len) != 1)
         return 0;
+    if (b)
+        memcpy(wbuf, b + rlen, wlen);
     return len;
 }
 

@@ -32,6 +32,7 @@ class Options:
     ram: str | None = None
     progress: bool = False
     timeline: str | None = None       # write a Chrome trace-event timeline of the replay here
+    secure: bool | None = None         # --secure: dom0 secure whatever the header says
 
 
 def open_trace(path: str) -> tuple[Trace | None, str | None]:
@@ -44,14 +45,14 @@ def open_trace(path: str) -> tuple[Trace | None, str | None]:
         return None, str(e)
 
 
-def build_machine(trace: Trace, board: str | None = None, p2m: str | None = None, ram: str | None = None
-                  ) -> tuple[Machine | None, str | None]:
+def build_machine(trace: Trace, board: str | None = None, p2m: str | None = None, ram: str | None = None,
+                  secure: bool | None = None) -> tuple[Machine | None, str | None]:
     """(a fresh machine for the trace, None), or (None, why) in one line when its header or the
     options ask for a machine that cannot be built -- never an exception, so a bad trace fails
     alone (one test item, one line of a batch), never the session."""
     from vmm.board import BoardError
     try:
-        return machine_for(trace, board, p2m, ram), None
+        return machine_for(trace, board, p2m, ram, secure), None
     except (BoardError, OSError, ValueError) as e:
         return None, f"{trace.name}: {e}"
 
@@ -61,7 +62,7 @@ def replay_path(path: str, opts: Options) -> ReplayResult:
     t0 = time.perf_counter()
     trace, why = open_trace(path)
     if trace is not None:
-        m, why = build_machine(trace, opts.board, opts.p2m, opts.ram)
+        m, why = build_machine(trace, opts.board, opts.p2m, opts.ram, opts.secure)
     if why is not None:
         return ReplayResult(False, EXIT_ERROR, path, None, why, seconds=time.perf_counter() - t0)
     timeline = None
@@ -163,7 +164,7 @@ def main_replay(args) -> int:
         if why:
             print(f"vmm: {why}", file=sys.stderr)
             return EXIT_ERROR
-    opts = Options(board, args.p2m, args.ram,
+    opts = Options(board, args.p2m, args.ram, secure=True if getattr(args, "secure", False) else None,
                    progress=not args.json and jobs == 1 and len(paths) == 1 and sys.stderr.isatty(),
                    timeline=args.timeline)
     t0 = time.perf_counter()

@@ -28,7 +28,7 @@ BLOCK = 1 << 20                         # characters read at a time
 
 _WIDTH = {"b": 1, "w": 2, "l": 4, "q": 8}
 _SUFFIX = {1: "b", 2: "w", 4: "l", 8: "q"}
-_HEADER_KEYS = {"board", "p2m", "ram", "skip"}
+_HEADER_KEYS = {"board", "p2m", "ram", "skip", "secure"}
 
 # Tags of parse_line results.
 REQ, OK, OKV, FAIL, IRQ = "req", "ok", "okv", "fail", "irq"
@@ -311,7 +311,7 @@ def parse_line(line: str) -> tuple | None:
 
 
 def header_entry(line: str) -> tuple[str, str] | None:
-    """``# key: value`` of a header comment line (keys board, p2m, ram, skip), else None."""
+    """``# key: value`` of a header comment line (keys board, p2m, ram, skip, secure), else None."""
     hash_at = line.find("#")
     if hash_at < 0 or line[:hash_at].strip():
         return None

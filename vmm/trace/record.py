@@ -151,6 +151,8 @@ class Recorder:
         self._emit(f"# board: {board}")
         self._emit(f"# p2m: {spec.p2m}")
         self._emit(f"# ram: {spec.ram >> 20}M" if spec.ram % (1 << 20) == 0 else f"# ram: {spec.ram}")
+        if spec.secure:
+            self._emit("# secure: true")
         self._emit("irq_intercept_in board")
         self._emit("OK")
 

@@ -485,6 +485,12 @@ def check_header(trace: Trace, machine: Machine) -> str | None:
     spec = machine.board
     if "p2m" in h and h["p2m"] != spec.p2m:
         return f"the trace asks for p2m {h['p2m']}, the machine is {spec.p2m}"
+    try:
+        secure = header_secure(h)
+    except ValueError as e:
+        return str(e)
+    if secure is not None and secure != spec.secure:
+        return f"the trace asks for secure {str(secure).lower()}, the machine's is {str(spec.secure).lower()}"
     if "board" in h and h["board"] not in (spec.name, spec.source):
         return f"the trace asks for board {h['board']}, the machine is {spec.name}"
     if "ram" in h:
@@ -525,16 +531,33 @@ def replay_file(machine: Machine, path: str | Path, progress: bool = False) -> R
     return replay_trace(machine, trace, progress)
 
 
-def machine_for(trace: Trace, board: str | None = None, p2m: str | None = None, ram: str | None = None) -> Machine:
+def header_secure(h: dict[str, str]) -> bool | None:
+    """The ``# secure:`` header as a flag (None when absent); ValueError for anything but a yes or no."""
+    value = h.get("secure")
+    if value is None:
+        return None
+    word = value.strip().lower()
+    if word in ("true", "yes", "1"):
+        return True
+    if word in ("false", "no", "0"):
+        return False
+    raise ValueError(f"header '# secure: {value}' is neither true nor false")
+
+
+def machine_for(trace: Trace, board: str | None = None, p2m: str | None = None, ram: str | None = None,
+                secure: bool | None = None) -> Machine:
     """A fresh machine as the trace's header asks, with explicit arguments taking precedence."""
     from vmm.machine import Machine
     h = trace.header
+    if secure is None:
+        secure = header_secure(h)
     return Machine.from_board(board or h.get("board") or "rcar-virt", p2m=p2m or h.get("p2m"),
-                              ram=ram or h.get("ram"), cpu=False)
+                              ram=ram or h.get("ram"), cpu=False, secure=secure)
 
 
 def replay_fresh(source: str | Path, board: str | None = None, p2m: str | None = None,
-                 ram: str | None = None, name: str | None = None, progress: bool = False) -> ReplayResult:
+                 ram: str | None = None, name: str | None = None, progress: bool = False,
+                 secure: bool | None = None) -> ReplayResult:
     """Replay a trace (a path, or trace text when ``source`` is a str holding a newline or a request)
     on a fresh machine built from its header; what the ``replay`` fixture and .qtrace items use.
     A trace that cannot be read or asks for a machine that cannot be built is a status-2 result."""
@@ -552,7 +575,7 @@ def replay_fresh(source: str | Path, board: str | None = None, p2m: str | None =
     except OSError as e:
         return ReplayResult(False, EXIT_ERROR, str(source), None, f"{source}: cannot read: {e.strerror or e}")
     try:
-        m = machine_for(trace, board, p2m, ram)
+        m = machine_for(trace, board, p2m, ram, secure)
     except (BoardError, OSError, ValueError) as e:         # a header asking for an unbuildable machine
         return ReplayResult(False, EXIT_ERROR, trace.name, 0, f"{trace.name}: {e}")
     try:
