@@ -276,7 +276,7 @@ def test_cd_fetch_faults_name_their_step(env) -> None:
         assert (fault.kind, fault.address, fault.fetch) == (7, 300, 0)          # PASID >= 2^8
         out, f = w.translate_pasid(T_CTX, 64, [0], 1)
         fault = w.decode(f[0], out[0])
-        assert (fault.kind, fault.stage, fault.address, fault.fetch) == (1, 2, 0x400000, 2)   # the CD is outside the P2M
+        assert (fault.kind, fault.stage, fault.address, fault.fetch) == (1, 2, 0x400000, 2)   # CD outside the P2M
         out, f = w.translate_pasid(T_CTX, 64 * 2, [0], 1)
         fault = w.decode(f[0], out[0])
         assert (fault.kind, fault.address, fault.fetch) == (7, 0x1010, 1)       # L1 V = 0

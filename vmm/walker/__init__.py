@@ -275,6 +275,7 @@ class Walker:
         self._runs = ffi.new("uint64_t[]", 2 * self._max_runs)
         self._rfault = ffi.new("uint32_t[1]")
         self._rfaddr = ffi.new("uint64_t[1]")
+        self._rfiova = ffi.new("uint64_t[1]")
         self._stage_buf = (ffi.new("struct wk_stage *"), ffi.new("struct wk_stage *"))
         self._stats = ffi.new("uint64_t[3]")
 
@@ -435,7 +436,7 @@ class Walker:
             return Fault(TRANSLATION, 1, 0, _U64), _U64
         cid = ctx_id if 0 <= ctx_id < MAX_CONTEXTS else 0xFFFFFFFF
         length = min(length, _U64 + 1 - addr)
-        fiova = ffi.new("uint64_t[1]")
+        fiova = self._rfiova
         args = (self._w, cid, pasid & 0xFFFFFFFF, addr, length, int(access) & 3)
         n = lib.wk_table_translate_range(*args, self._runs, self._max_runs, self._rfault, self._rfaddr, fiova)
         if n == -2:
