@@ -73,6 +73,8 @@ int main(struct hvm_start_info *si)
         demo_ipmmu();
     if (demo_virtio_iommu)
         demo_virtio_iommu();
+    if (demo_pasid)
+        demo_pasid();
 
     return finish();
 }

@@ -84,7 +84,8 @@ static void table_format(uint8_t s1fmt, uint32_t cdmax, const int pasids[NPASID]
     tbl.cfg.fmt = PASID_TABLE_ARM_SMMU_V3;
     tbl.cfg.s1fmt = s1fmt;
     tbl.cfg.s1cdmax = cdmax;
-    check(iommu_psdtable_alloc(&tbl, &tbl.cfg) == 0, "alloc: table at 0x%llx", (unsigned long long)tbl.cfg.base);
+    int allocated = iommu_psdtable_alloc(&tbl, &tbl.cfg) == 0;
+    check(allocated, "alloc: table at 0x%llx", (unsigned long long)tbl.cfg.base);
 
     for (int k = 0; k < NPASID; k++) {
         src[k] = alloc_pages(LEN / PAGE_SIZE);

@@ -18,5 +18,6 @@ void demo_ram(void);
 /* demo/ipmmu.c, demo/virtio_iommu.c (optional) */
 void demo_ipmmu(void) __attribute__((weak));
 void demo_virtio_iommu(void) __attribute__((weak));
+void demo_pasid(void) __attribute__((weak));            /* demo/pasid.c */
 
 #endif
