@@ -288,15 +288,82 @@ static inline __attribute__((always_inline)) uint32_t walk_flat(const struct wk_
 }
 
 /*
+ * What one translation learnt from its last stage-2 walk of a table address: the leaf (2 MiB
+ * blocks put the CD table and every stage-1 table in one) and the last-level table (4 KiB pages:
+ * tables in the same 2 MiB share it). A later table read of the same translation reuses them
+ * instead of re-reading the same upper descriptors. It lives for one translation only --
+ * nothing is kept across translations -- and holds only what successful walks read, so results
+ * and faults are exactly those of full walks.
+ */
+struct s2memo {
+    uint64_t base, mask, mpa;        /* leaf: IPA base, size - 1 (0: empty), MPA base */
+    uint64_t tbase, tmask, table;    /* last table: the IPA region it covers, size - 1 (0: empty), its MPA */
+    uint32_t tlvl;
+};
+#define S2MEMO_EMPTY {0, 0, 0, 0, 0, 0, 0}
+
+/* The MPA of a table read at `ipa` through stage 2 (0 or a stage-2 fault word). */
+static inline __attribute__((always_inline)) uint32_t s2_table_read(const struct wk_walker *w, const struct stg *s2,
+                                                                    uint64_t ipa, struct s2memo *m, uint64_t *mpa)
+{
+    struct wpos p;
+    struct wres r2;
+    uint64_t tbase = 0, tmask = 0, table = 0;
+    uint32_t f, tlvl = 0;
+
+    if (m->mask && (ipa & ~m->mask) == m->base) {
+        *mpa = m->mpa + (ipa & m->mask);
+        return 0;
+    }
+    if (m->tmask && (ipa & ~m->tmask) == m->tbase) {
+        p.lvl = m->tlvl;
+        p.sh = lvl_shift(s2->g, p.lvl);
+        p.table = m->table;
+        p.idx = (ipa >> p.sh) & s2->idx_mask;
+        p.wp = 1;
+    } else {
+        f = walk_start(s2, 2, ipa, &p);
+        if (f)
+            return f;
+    }
+    for (;;) {
+        const uint64_t a = p.table + (p.idx << 3);
+        if (a > w->last)
+            return FW(K_WALK_ABORT, 2, p.lvl);
+        f = step(s2, 2, ipa, ACC_R, load64(w, a), &p, &r2);
+        if (f == STEP_TABLE) {
+            tlvl = p.lvl;
+            table = p.table;
+            tmask = (1ull << (p.sh + s2->stride)) - 1ull;
+            tbase = ipa & ~tmask;
+            continue;
+        }
+        if (f != STEP_LEAF)
+            return f;
+        break;
+    }
+    if (tmask) {
+        m->tlvl = tlvl;
+        m->table = table;
+        m->tmask = tmask;
+        m->tbase = tbase;
+    }
+    m->mask = (1ull << r2.shift) - 1ull;
+    m->base = ipa & ~m->mask;
+    m->mpa = r2.out - (ipa & m->mask);
+    *mpa = r2.out;
+    return 0;
+}
+
+/*
  * The stage 1 of a nested context: each descriptor address is an IPA, translated (for a read)
  * by a full stage-2 walk first. Returns 0 or a fault word with r->faddr the address to report;
  * r->tlo/thi get the lowest/highest descriptor IPA fetched.
  */
 static uint32_t walk_nested(const struct wk_walker *w, const struct stg *s, const struct stg *s2, uint64_t ia,
-                            uint32_t acc, struct wres *r)
+                            uint32_t acc, struct wres *r, struct s2memo *m)
 {
     struct wpos p;
-    struct wres r2;
     uint32_t f = walk_start(s, 1, ia, &p);
 
     r->faddr = ia;
@@ -310,12 +377,11 @@ static uint32_t walk_nested(const struct wk_walker *w, const struct stg *s, cons
             r->tlo = a;
         if (a > r->thi)
             r->thi = a;
-        f = walk_flat(w, s2, 2, a, ACC_R, &r2);
+        f = s2_table_read(w, s2, a, m, &a);
         if (f) {
-            r->faddr = a;
+            r->faddr = p.table + (p.idx << 3);
             return f | FW_S1PTW;
         }
-        a = r2.out;
         if (a > w->last)
             return FW(K_WALK_ABORT, 1, p.lvl);
         f = step(s, 1, ia, acc, load64(w, a), &p, r);
@@ -328,8 +394,10 @@ static uint32_t walk_nested(const struct wk_walker *w, const struct stg *s, cons
 static uint32_t walk_stage(const struct wk_walker *w, const struct stg *s, uint32_t stage, uint64_t ia,
                            uint32_t acc, const struct stg *s2, struct wres *r)
 {
-    if (s2)
-        return walk_nested(w, s, s2, ia, acc, r);
+    if (s2) {
+        struct s2memo m = S2MEMO_EMPTY;
+        return walk_nested(w, s, s2, ia, acc, r, &m);
+    }
     r->faddr = ia;
     r->tlo = ~0ull;
     r->thi = 0;
@@ -960,24 +1028,47 @@ static void pt_invalidate(struct tstate *t, int64_t asid, uint64_t start, uint64
 /* -- CD fetch and decode ------------------------------------------------------------------- */
 static const uint32_t ips_bits[8] = {32, 36, 40, 42, 44, 48, 52, 52};
 
-/* The CD's fields -> a stage-1 configuration; 0 when the CD is not valid (C_BAD_CD). */
+/*
+ * The CD's fields -> a stage-1 configuration; 0 when the CD is not valid (C_BAD_CD). Every valid
+ * CD is a consistent VMSAv8-64 stage 1 (T0SZ 16..39 with the start level Arm's tables give), so
+ * the fields are set directly rather than through stage_setup's general checks: this runs once
+ * per cold translation.
+ */
 static int cd_decode(uint64_t d0, uint64_t d1, struct cd *out)
 {
     const uint32_t t0sz = (uint32_t)(d0 & 63u), tg0 = (uint32_t)(d0 >> 6) & 3u;
-    struct wk_stage st;
-    uint32_t g, oa;
+    struct stg *s = &out->s1;
+    uint32_t g, ia, sl, oa, root_bits;
 
     if (!((d0 >> 31) & 1u) || t0sz < 16 || t0sz > 39 || tg0 == 3 || ((d0 >> 15) & 1u) || !((d0 >> 41) & 1u))
         return 0;
-    g = tg0 == 0 ? 12u : tg0 == 1 ? 16u : 14u;
+    ia = 64u - t0sz;
+    /* start level = 4 - (ia - 4) / (g - 3), divisions by constants */
+    if (tg0 == 0)
+        g = 12, sl = 4u - (ia - 4u) / 9u;
+    else if (tg0 == 1)
+        g = 16, sl = 4u - (ia - 4u) / 13u;
+    else
+        g = 14, sl = 4u - (ia - 4u) / 11u;
     oa = ips_bits[(d0 >> 32) & 7u];
-    st.ttbr = d1 & 0x000FFFFFFFFFFFF0ull;                 /* TTB0: address bits [51:4] */
-    st.ia_bits = 64u - t0sz;
-    st.granule = g;
-    st.start_level = 4u - (st.ia_bits - 4u) / (g - 3u);
-    st.oa_bits = oa < 40u ? oa : 40u;
-    st.flags = (((d0 >> 35) & 1u) ? 0u : WK_F_CHECK_AF) | (((d1 >> 1) & 1u) ? 0u : WK_F_APTABLE);
-    stage_setup(&out->s1, &st, 0);
+    if (oa > 40u)
+        oa = 40u;
+    root_bits = ia - lvl_shift(g, sl);
+    s->ia_bits = ia;
+    s->oa_bits = oa;
+    s->g = g;
+    s->sl = sl;
+    s->flags = (((d0 >> 35) & 1u) ? 0u : WK_F_CHECK_AF) | (((d1 >> 1) & 1u) ? 0u : WK_F_APTABLE);
+    s->stride = g - 3u;
+    s->bad = 0;
+    s->ns_check = 0;
+    s->aptable = !((d1 >> 1) & 1u);
+    s->next_mask = ADDR_47 & ~((1ull << g) - 1ull);
+    s->next_bad = s->next_mask & ~((1ull << oa) - 1ull);
+    s->idx_mask = (1ull << s->stride) - 1ull;
+    d1 &= 0x000FFFFFFFFFFFF0ull;                          /* TTB0: address bits [51:4] */
+    s->ttbr_bad = (d1 >> oa) != 0;
+    s->root = d1 & ~((8ull << root_bits) - 1ull);
     out->asid = (uint32_t)(d0 >> 48);
     out->epd0 = (uint32_t)(d0 >> 14) & 1u;
     return 1;
@@ -989,9 +1080,8 @@ static int cd_decode(uint64_t d0, uint64_t d1, struct cd *out)
  * (the PASID itself when it is out of range).
  */
 static uint32_t cd_fetch(const struct wk_walker *w, const struct tstate *t, const struct stg *s2, uint32_t pasid,
-                         struct cd *out, uint64_t *faddr)
+                         struct cd *out, uint64_t *faddr, struct s2memo *memo)
 {
-    struct wres r2;
     uint64_t cd_ipa, m;
     uint32_t f;
 
@@ -1004,14 +1094,14 @@ static uint32_t cd_fetch(const struct wk_walker *w, const struct tstate *t, cons
     } else {
         const uint32_t split = t->fmt == 1 ? 6u : 10u;
         const uint64_t l1_ipa = t->ptr + 8ull * (pasid >> split);
-        uint64_t l1, l2;
-        f = walk_flat(w, s2, 2, l1_ipa, ACC_R, &r2);
+        uint64_t l1, l2, a;
+        f = s2_table_read(w, s2, l1_ipa, memo, &a);
         *faddr = l1_ipa;
         if (f)
             return f | FW_FETCH(FETCH_L1);
-        if (r2.out > w->last)
+        if (a > w->last)
             return FW(K_WALK_ABORT, 1, 0) | FW_FETCH(FETCH_L1);
-        l1 = load64(w, r2.out);
+        l1 = load64(w, a);
         if (!(l1 & 1u))
             return FW(K_BAD_SUBSTREAM, 1, 0) | FW_FETCH(FETCH_L1);
         l2 = l1 & 0x000FFFFFFFFFF000ull;                      /* L2Ptr: bits [51:12] */
@@ -1020,10 +1110,9 @@ static uint32_t cd_fetch(const struct wk_walker *w, const struct tstate *t, cons
         cd_ipa = l2 + 64ull * (pasid & ((1u << split) - 1u));
     }
     *faddr = cd_ipa;
-    f = walk_flat(w, s2, 2, cd_ipa, ACC_R, &r2);
+    f = s2_table_read(w, s2, cd_ipa, memo, &m);
     if (f)
         return f | FW_FETCH(FETCH_CD);
-    m = r2.out;
     if (m > w->size - 16u)
         return FW(K_WALK_ABORT, 1, 0) | FW_FETCH(FETCH_CD);
     if (!cd_decode(load64(w, m), load64(w, m + 8u), out))
@@ -1033,7 +1122,7 @@ static uint32_t cd_fetch(const struct wk_walker *w, const struct tstate *t, cons
 
 /* Stage 1 (nested) then stage 2 for one address under a decoded CD; fills *e on success. */
 static uint32_t cd_translate(const struct wk_walker *w, const struct cd *cd, const struct stg *s2, uint64_t addr,
-                             uint32_t acc, uint64_t *out, struct ptlbe *e)
+                             uint32_t acc, uint64_t *out, struct ptlbe *e, struct s2memo *memo)
 {
     struct wres r1, r2 = {0, 0, 0, 0, 0, 0};
     uint32_t f;
@@ -1042,7 +1131,7 @@ static uint32_t cd_translate(const struct wk_walker *w, const struct cd *cd, con
         *out = addr;
         return FW(K_TRANSLATION, 1, 0);
     }
-    f = walk_nested(w, &cd->s1, s2, addr, acc, &r1);
+    f = walk_nested(w, &cd->s1, s2, addr, acc, &r1, memo);
     if (f) {
         *out = r1.faddr;
         return f;
@@ -1064,12 +1153,12 @@ static uint32_t cd_translate(const struct wk_walker *w, const struct cd *cd, con
 
 /* The decoded CD of `pasid`: from the cache (TLB on) or fetched now. NULL with *fault set. */
 static const struct cd *cd_get(struct wk_walker *w, struct tstate *t, const struct stg *s2, uint32_t pasid,
-                               int cache, struct cd *tmp, uint32_t *fault, uint64_t *faddr)
+                               int cache, struct cd *tmp, uint32_t *fault, uint64_t *faddr, struct s2memo *memo)
 {
     const struct cd *cd = cache ? cdc_find(t, pasid) : NULL;
     if (cd)
         return cd;
-    *fault = cd_fetch(w, t, s2, pasid, tmp, faddr);
+    *fault = cd_fetch(w, t, s2, pasid, tmp, faddr, memo);
     if (*fault)
         return NULL;
     return cache ? cdc_insert(t, pasid, tmp) : tmp;
@@ -1139,13 +1228,16 @@ void wk_table_translate(struct wk_walker *w, uint32_t ctx_id, uint32_t pasid, co
         return;
     }
     s2 = &w->ctx[t->s2_ctx].s2;
-    if (cache)
-        cd = cd_get(w, t, s2, pasid, 1, &tmp, &cdf, &cdaddr);
+    if (cache) {
+        struct s2memo memo = S2MEMO_EMPTY;
+        cd = cd_get(w, t, s2, pasid, 1, &tmp, &cdf, &cdaddr, &memo);
+    }
     for (i = 0; i < n; i++) {
         const uint64_t a = addrs[i];
         const uint32_t acc = (accs ? accs[i] : acc_all) & 3u;
+        struct s2memo memo = S2MEMO_EMPTY;      /* one translation's stage-2 leaf, never kept longer */
         if (!cache) {
-            cd = cd_get(w, t, s2, pasid, 0, &tmp, &cdf, &cdaddr);
+            cd = cd_get(w, t, s2, pasid, 0, &tmp, &cdf, &cdaddr, &memo);
         } else if (cd) {
             const struct ptlbe *e = pt_find(t, cd->asid, a >> 12);
             if (e && (e->perm & acc) == acc) {
@@ -1160,7 +1252,7 @@ void wk_table_translate(struct wk_walker *w, uint32_t ctx_id, uint32_t pasid, co
             fault[i] = cdf;
             continue;
         }
-        fault[i] = cd_translate(w, cd, s2, a, acc, &out[i], &ne);
+        fault[i] = cd_translate(w, cd, s2, a, acc, &out[i], &ne, &memo);
         if (!fault[i] && cache)
             pt_insert(t, &ne);
     }
