@@ -12,6 +12,15 @@ DMA: each endpoint's master gets an ``EndpointTranslator``. IOVA -> (domain mapp
 (the domain's P2M) -> machine address, permissions checked per access, bypass per spec 1.7.
 A refused access queues one fault record on the event queue (or counts it dropped when the
 driver posted no buffer) and raises ``DmaFault``.
+
+PASID tables (DESIGN section 6, the lab's numbering of the 2021 ATTACH_TABLE drafts): with
+F_ATTACH_TABLE (bit 7) negotiated, PROBE adds four properties and ATTACH_TABLE / INVALIDATE exist.
+ATTACH_TABLE makes a domain a *table domain*: the guest owns an SMMUv3 CD table and the stage-1
+tables at guest-physical addresses, and the C walker (``Walker.table_context``) looks CDs up and
+walks them nested over the P2M of the domain whose driver owns this device, caching CDs per
+PASID and translations per ASID until INVALIDATE. A driver that does not negotiate the feature
+sees the device exactly as before (same config, PROBE reply and fault records; types 6 and 7
+unknown).
 """
 from __future__ import annotations
 
@@ -26,13 +35,15 @@ from typing import TYPE_CHECKING
 from devices.layout import layout
 from devices.virtqueue import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, Chain, RingError, compile_layout
 from vmm.dma import STATUS_PERMISSION, STATUS_TRANSLATION, DmaFault, Runs, Translator
-from vmm.explain import FaultExplanation
+from vmm.explain import FaultExplanation, explain_pasid_walk
 from vmm.memory import PAGE
 from vmm.registry import DeviceType, Key
+from vmm.walker import MAX_CDMAX, PERMISSION, CdTable, Fault, R, W
 
 if TYPE_CHECKING:
     from devices.virtio_mmio import VirtioMmio
     from vmm.machine import Domain
+    from vmm.walker import Walker
     from vmm.wiring import BuildContext
 
 log = logging.getLogger("vmm.virtio.iommu")
@@ -49,9 +60,12 @@ F_BYPASS = 1 << 3            # legacy: never offered
 F_PROBE = 1 << 4
 F_MMIO = 1 << 5
 F_BYPASS_CONFIG = 1 << 6
+F_ATTACH_TABLE = 1 << 7      # the lab's number (the drafts used 6 and 7): DESIGN section 6
+# FEATURES: the spec device, what a driver without F_ATTACH_TABLE negotiates; OFFERED adds bit 7.
 FEATURES = (F_INPUT_RANGE | F_DOMAIN_RANGE | F_MAP_UNMAP | F_PROBE | F_MMIO | F_BYPASS_CONFIG
             | F_INDIRECT_DESC | F_EVENT_IDX | F_VERSION_1)
-assert FEATURES == 0x1_3000_0077
+OFFERED = FEATURES | F_ATTACH_TABLE
+assert FEATURES == 0x1_3000_0077 and OFFERED == 0x1_3000_00F7
 
 GRANULE = PAGE
 PAGE_SIZE_MASK = 0xFFFFFFFFFFFFF000
@@ -80,6 +94,7 @@ assert CONFIG.size == 40 and CONFIG_OFF["bypass"] == 0x24
 
 # -- requests ----------------------------------------------------------------------------------
 T_ATTACH, T_DETACH, T_MAP, T_UNMAP, T_PROBE = 1, 2, 3, 4, 5
+T_ATTACH_TABLE, T_INVALIDATE = 6, 7      # only with F_ATTACH_TABLE negotiated
 S_OK, S_IOERR, S_UNSUPP, S_DEVERR, S_INVAL, S_RANGE, S_NOENT, S_FAULT, S_NOMEM = range(9)
 ATTACH_F_BYPASS = 1 << 0
 MAP_F_READ, MAP_F_WRITE, MAP_F_MMIO = 1 << 0, 1 << 1, 1 << 2
@@ -117,6 +132,31 @@ def PROBE_LAYOUT(cs):
 
 
 @layout
+def ATTACH_TABLE_LAYOUT(cs):
+    return cs.Struct(*_head(cs), "domain" / cs.Int32ul, "endpoint" / cs.Int32ul, "format" / cs.Int16ul,
+                     "s1fmt" / cs.Int8ul, "s1dss" / cs.Int8ul, "s1contextptr" / cs.Int64ul, "s1cdmax" / cs.Int32ul,
+                     "reserved" / cs.Bytes(48))
+
+
+@layout
+def INVALIDATE_LAYOUT(cs):
+    return cs.Struct(*_head(cs), "inv_gran" / cs.Int16ul, "inv_type" / cs.Int16ul, "flags" / cs.Int16ul,
+                     "reserved0" / cs.Int16ul, "domain" / cs.Int32ul, "pasid" / cs.Int32ul,
+                     "reserved1" / cs.Int32ul, "archid" / cs.Int64ul, "virt_start" / cs.Int64ul,
+                     "nr_pages" / cs.Int64ul, "granule" / cs.Int8ul, "reserved2" / cs.Bytes(11))
+
+
+@layout
+def PROP_U8_LAYOUT(cs):           # OUTPUT_SIZE, PASID_SIZE: u8 bits, reserved[3]
+    return cs.Struct("type" / cs.Int16ul, "length" / cs.Int16ul, "value" / cs.Int8ul, "_reserved" / cs.Padding(3))
+
+
+@layout
+def PROP_U16_LAYOUT(cs):          # PAGE_TABLE_FMT, PASID_TABLE_FMT: le16 format, reserved[2]
+    return cs.Struct("type" / cs.Int16ul, "length" / cs.Int16ul, "value" / cs.Int16ul, "_reserved" / cs.Padding(2))
+
+
+@layout
 def TAIL_LAYOUT(cs):
     return cs.Struct("status" / cs.Int8ul, "_reserved" / cs.Padding(3))
 
@@ -133,7 +173,18 @@ def FAULT_LAYOUT(cs):
                      "endpoint" / cs.Int32ul, "_reserved1" / cs.Padding(4), "address" / cs.Int64ul)
 
 
+@layout
+def FAULT_PASID_LAYOUT(cs):       # the same record with the drafts' le32 PASID at offset 12
+    return cs.Struct("reason" / cs.Int8ul, "_reserved" / cs.Padding(3), "flags" / cs.Int32ul,
+                     "endpoint" / cs.Int32ul, "pasid" / cs.Int32ul, "address" / cs.Int64ul)
+
+
 ATTACH_REQ, _ = compile_layout(ATTACH_LAYOUT)
+ATTACH_TABLE_REQ, _ = compile_layout(ATTACH_TABLE_LAYOUT)
+INVALIDATE_REQ, _ = compile_layout(INVALIDATE_LAYOUT)
+PROP_U8, _ = compile_layout(PROP_U8_LAYOUT)
+PROP_U16, _ = compile_layout(PROP_U16_LAYOUT)
+FAULT_PASID, _ = compile_layout(FAULT_PASID_LAYOUT)
 DETACH_REQ, _ = compile_layout(DETACH_LAYOUT)
 MAP_REQ, _ = compile_layout(MAP_LAYOUT)
 UNMAP_REQ, _ = compile_layout(UNMAP_LAYOUT)
@@ -143,13 +194,22 @@ RESV_MEM, _ = compile_layout(RESV_MEM_LAYOUT)
 FAULT, _ = compile_layout(FAULT_LAYOUT)
 assert (ATTACH_REQ.size, DETACH_REQ.size, MAP_REQ.size, UNMAP_REQ.size, PROBE_REQ.size) == (20, 20, 36, 28, 72)
 assert (TAIL.size, RESV_MEM.size, FAULT.size) == (4, 24, 24)
+assert (ATTACH_TABLE_REQ.size, INVALIDATE_REQ.size, PROP_U8.size, PROP_U16.size, FAULT_PASID.size) == (76, 60, 8, 8, 24)
 _TAILS = [TAIL.pack(s) for s in range(256)]      # tail.reserved always zero
 
 PROBE_T_RESV_MEM = 1
+PROBE_T_OUTPUT_SIZE, PROBE_T_PASID_SIZE, PROBE_T_PAGE_TABLE_FMT, PROBE_T_PASID_TABLE_FMT = 4, 5, 6, 7
+OUTPUT_BITS, PASID_BITS = 40, 20
+PGTF_ARM_LPAE, PSTF_ARM_SMMU_V3 = 1, 2
+S1DSS_TERMINATE, S1DSS_BYPASS, S1DSS_SSID0 = 0, 1, 2
+INV_G_DOMAIN, INV_G_PASID, INV_G_VA = 1 << 0, 1 << 1, 1 << 2
+INV_T_IOTLB, INV_T_DEV_IOTLB, INV_T_PASID = 1 << 0, 1 << 1, 1 << 2
+INV_F_PASID, INV_F_ARCHID, INV_F_LEAF = 1 << 0, 1 << 1, 1 << 2
 RESV_MEM_T_RESERVED, RESV_MEM_T_MSI = 0, 1
 
 FAULT_R_UNKNOWN, FAULT_R_DOMAIN, FAULT_R_MAPPING = 0, 1, 2
 FAULT_F_READ, FAULT_F_WRITE, FAULT_F_ADDRESS = 1 << 0, 1 << 1, 1 << 8
+FAULT_F_PASID = 1 << 9
 
 INT_USED_BUFFER = 1 << 0
 
@@ -260,12 +320,25 @@ class IntervalMap:
         return removed
 
 
+@dataclass(frozen=True)
+class TableConfig:
+    """What ATTACH_TABLE said (equality decides "the same table") and the walker context that
+    holds the table, its CD cache and its translations."""
+
+    s1fmt: int
+    s1dss: int
+    ptr: int
+    cdmax: int
+    ctx: int = field(compare=False)
+
+
 @dataclass(eq=False)
 class IommuDomain:
     id: int
     bypass: bool
     mappings: IntervalMap = field(default_factory=IntervalMap)
     endpoints: set[int] = field(default_factory=set)
+    table: TableConfig | None = None          # a table domain (ATTACH_TABLE)
 
 
 # -- the device ----------------------------------------------------------------------------------
@@ -275,12 +348,13 @@ class VirtioIommu:
     """The virtio-iommu backend: config space, request handlers, endpoints and domains."""
 
     device_id = DEVICE_ID
-    features = FEATURES
+    features = OFFERED
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
 
     def __init__(self, endpoints: list[int], boot_bypass: bool = False,
                  max_mappings: int = DEFAULT_MAX_MAPPINGS, probe_size: int = PROBE_SIZE,
-                 name: str = "virtio-iommu") -> None:
+                 name: str = "virtio-iommu", guest: Domain | None = None, walker: Walker | None = None,
+                 alloc_ctx: Callable[[], int] | None = None) -> None:
         self.name = name
         self.endpoints = frozenset(int(e) for e in endpoints)
         self.boot_bypass = int(bool(boot_bypass))
@@ -297,9 +371,22 @@ class VirtioIommu:
         self.faults = 0
         self.events_delivered = 0
         self.events_dropped = 0
-        self._probe_props = RESV_MEM.pack(PROBE_T_RESV_MEM, RESV_MEM.size - 4, RESV_MEM_T_MSI, MSI_START,
-                                          MSI_END).ljust(self.probe_size, b"\0")[:self.probe_size]
+        resv = RESV_MEM.pack(PROBE_T_RESV_MEM, RESV_MEM.size - 4, RESV_MEM_T_MSI, MSI_START, MSI_END)
+        self._probe_props = resv.ljust(self.probe_size, b"\0")[:self.probe_size]
+        self._probe_props_table = (resv + PROP_U8.pack(PROBE_T_OUTPUT_SIZE, 4, OUTPUT_BITS)
+                                   + PROP_U8.pack(PROBE_T_PASID_SIZE, 4, PASID_BITS)
+                                   + PROP_U16.pack(PROBE_T_PAGE_TABLE_FMT, 4, PGTF_ARM_LPAE)
+                                   + PROP_U16.pack(PROBE_T_PASID_TABLE_FMT, 4, PSTF_ARM_SMMU_V3)
+                                   ).ljust(self.probe_size, b"\0")[:self.probe_size]
         self._probe_empty = bytes(self.probe_size)
+        # PASID tables: the domain whose driver owns the device (its RAM holds the tables, its
+        # P2M translates every table access) and walker contexts for table domains
+        self.guest = guest
+        self.walker = walker
+        self._alloc_ctx = alloc_ctx
+        self._free_ctx: list[int] = []
+        self._dispatch = DISPATCH
+        self._max_request = MAX_REQUEST
 
     # -- transport hooks -----------------------------------------------------------------------
     def attach(self, transport: VirtioMmio) -> None:
@@ -322,6 +409,8 @@ class VirtioIommu:
 
     def reset(self) -> None:
         """Device reset: every endpoint detached, every domain gone; ``bypass`` is kept."""
+        for dom in self.domains.values():
+            self._release_table(dom)
         self.domains.clear()
         self.attached.clear()
 
@@ -346,6 +435,10 @@ class VirtioIommu:
         q, mem = t.queues[REQUEST_Q], self.mem
         old = q.used_idx
         self._neg = t.negotiated
+        if self._neg & F_ATTACH_TABLE:
+            self._dispatch, self._max_request = TABLE_DISPATCH, MAX_TABLE_REQUEST
+        else:
+            self._dispatch, self._max_request = DISPATCH, MAX_REQUEST
         try:
             n = q.pending(mem)
             if n:
@@ -369,10 +462,10 @@ class VirtioIommu:
         if chain.rlen < 4:
             return 0
         try:
-            req = mem.gather_segments(chain.readable, min(chain.rlen, MAX_REQUEST))
+            req = mem.gather_segments(chain.readable, min(chain.rlen, self._max_request))
         except DmaFault:
             return 0
-        rtype = DISPATCH.get(req[0])
+        rtype = self._dispatch.get(req[0])
         if rtype is None or chain.wlen < TAIL.size:
             return 0
         # The tail sits after the reply's properties (PROBE: probe_size bytes): a writable part
@@ -409,7 +502,7 @@ class VirtioIommu:
             return S_NOENT, b""
         bypass = bool(flags & ATTACH_F_BYPASS)
         dom = self.domains.get(domain_id)
-        if dom is not None and dom.bypass != bypass:
+        if dom is not None and (dom.bypass != bypass or dom.table is not None):
             return S_INVAL, b""
         old = self.attached.get(ep)
         if old is not None:
@@ -439,6 +532,7 @@ class VirtioIommu:
         self.attached.pop(ep, None)
         if not dom.endpoints:
             del self.domains[dom.id]          # the domain and its mappings cease to exist
+            self._release_table(dom)
 
     def _map(self, req: tuple) -> tuple[int, bytes]:
         """MAP, checks in this order: unknown flags -> INVAL (MMIO is known only when F_MMIO was
@@ -453,7 +547,7 @@ class VirtioIommu:
         dom = self.domains.get(domain_id)
         if dom is None:
             return S_NOENT, b""
-        if dom.bypass:
+        if dom.bypass or dom.table is not None:
             return S_INVAL, b""
         if (vs | ps | (ve + 1)) & (GRANULE - 1):
             return S_RANGE, b""
@@ -477,7 +571,7 @@ class VirtioIommu:
         dom = self.domains.get(domain_id)
         if dom is None:
             return S_NOENT, b""
-        if dom.bypass:
+        if dom.bypass or dom.table is not None:
             return S_INVAL, b""
         if ve < vs:
             return S_INVAL, b""
@@ -497,13 +591,120 @@ class VirtioIommu:
         _, ep = req
         if ep not in self.endpoints:
             return S_NOENT, self._probe_empty
-        return S_OK, self._probe_props
+        return S_OK, self._probe_props_table if self._neg & F_ATTACH_TABLE else self._probe_props
+
+    # -- PASID tables (F_ATTACH_TABLE) -----------------------------------------------------------
+    def _in_guest_ram(self, gpa: int, size: int) -> bool:
+        return self.guest is not None and any(
+            start <= gpa and gpa + size <= start + n for start, n in self.guest.ram_ranges)
+
+    def _attach_table(self, req: tuple) -> tuple[int, bytes]:
+        """ATTACH_TABLE (DESIGN section 6), checks in this order: non-zero reserved bytes, format
+        != 2 (SMMUv3), s1fmt > 2, s1dss > 2, s1cdmax > 20 -> INVAL; s1contextptr not aligned to
+        the table (linear: 64 * 2^s1cdmax; two-level: the L1 table, 8 per entry; at least 64)
+        or the table not wholly in guest RAM -> INVAL; unknown endpoint -> NOENT; an existing
+        domain that is not a table domain, or one with a different table -> INVAL. Then it
+        attaches like ATTACH (implicit detach from the old domain, a new id creates the domain);
+        the same table for an endpoint already in the domain changes nothing (caches kept)."""
+        _, domain_id, ep, fmt, s1fmt, s1dss, ptr, cdmax, reserved = req
+        if reserved.count(0) != len(reserved) or fmt != PSTF_ARM_SMMU_V3 or s1fmt > 2 or s1dss > 2 \
+                or cdmax > MAX_CDMAX:
+            return S_INVAL, b""
+        shape = CdTable(ptr, s1fmt, cdmax, 0)
+        if ptr % shape.alignment() or not self._in_guest_ram(ptr, shape.size()):
+            return S_INVAL, b""
+        if ep not in self.endpoints:
+            return S_NOENT, b""
+        dom = self.domains.get(domain_id)
+        want = TableConfig(s1fmt, s1dss, ptr, cdmax, -1)
+        if dom is not None and dom.table != want:
+            return S_INVAL, b""           # a normal or bypass domain, or another table
+        old = self.attached.get(ep)
+        if old is not None and old is dom:
+            return S_OK, b""
+        if dom is None:
+            ctx = self._table_ctx(shape)
+            if ctx is None:
+                return S_NOMEM, b""
+            dom = IommuDomain(domain_id, False, table=TableConfig(s1fmt, s1dss, ptr, cdmax, ctx))
+        if old is not None:
+            self._detach_endpoint(ep, old)
+        self.domains[domain_id] = dom
+        dom.endpoints.add(ep)
+        self.attached[ep] = dom
+        return S_OK, b""
+
+    def _table_ctx(self, shape: CdTable) -> int | None:
+        """A walker context holding ``shape`` over the guest's P2M (reused after a table domain
+        dies, so a guest cannot exhaust the walker's contexts); None when there is none left."""
+        if self.walker is None or self.guest is None:
+            return None
+        try:
+            ctx = self._free_ctx.pop() if self._free_ctx else self._alloc_ctx()
+            self.walker.table_context(ctx, CdTable(shape.ptr, shape.fmt, shape.cdmax, self.guest.p2m.ctx_id))
+        except (ValueError, MemoryError, TypeError) as e:
+            log.warning("%s: no walker context for a table domain: %s", self.name, e)
+            return None
+        return ctx
+
+    def _release_table(self, dom: IommuDomain) -> None:
+        """A table domain ceased to exist: its CDs and translations go with it."""
+        if dom.table is not None and self.walker is not None:
+            self.walker.context(dom.table.ctx, None, None)
+            self._free_ctx.append(dom.table.ctx)
+
+    def _invalidate(self, req: tuple) -> tuple[int, bytes]:
+        """INVALIDATE (DESIGN section 6). INVAL for non-zero reserved fields, an inv_gran that is
+        not exactly one of DOMAIN/PASID/VA, unknown inv_type or flags bits, a valid PASID >= 2^20,
+        granule PASID without PASID, granule VA without PASID or ARCHID, and for granule VA a
+        granule outside 12..30, nr_pages 0 or a range past 2^64; then NOENT for an unknown
+        domain and INVAL for one that is not a table domain. IOTLB drops the translations of
+        one ASID (ARCHID, else the ASID of the PASID's cached CD, else nothing) or of every ASID
+        (granule DOMAIN), in [virt_start, + nr_pages << granule) for granule VA; PASID drops that
+        PASID's cached CD (every cached CD for granule DOMAIN); DEV_IOTLB has nothing to do."""
+        (_, gran, itype, flags, res0, domain_id, pasid, res1, archid, vs, nr, granule, res2) = req
+        if res0 or res1 or res2.count(0) != len(res2) or gran not in (INV_G_DOMAIN, INV_G_PASID, INV_G_VA) \
+                or itype & ~(INV_T_IOTLB | INV_T_DEV_IOTLB | INV_T_PASID) \
+                or flags & ~(INV_F_PASID | INV_F_ARCHID | INV_F_LEAF):
+            return S_INVAL, b""
+        if flags & INV_F_PASID and pasid >> PASID_BITS:
+            return S_INVAL, b""
+        if gran == INV_G_PASID and not flags & INV_F_PASID:
+            return S_INVAL, b""
+        if gran == INV_G_VA and (not flags & (INV_F_PASID | INV_F_ARCHID) or not 12 <= granule <= 30 or nr == 0
+                                 or vs + (nr << granule) > 1 << 64):
+            return S_INVAL, b""
+        dom = self.domains.get(domain_id)
+        if dom is None:
+            return S_NOENT, b""
+        if dom.table is None:
+            return S_INVAL, b""
+        w, ctx = self.walker, dom.table.ctx
+        if itype & INV_T_IOTLB:
+            if gran == INV_G_DOMAIN:
+                w.table_invalidate_tlb(ctx)
+            else:
+                if flags & INV_F_ARCHID:
+                    asid = archid if archid < 1 << 16 else None      # ASIDs are 16 bits: nothing matches
+                else:
+                    asid = w.table_cached_asid(ctx, pasid)           # nothing when no CD is cached
+                if asid is not None:
+                    if gran == INV_G_VA:
+                        w.table_invalidate_tlb(ctx, asid, vs, nr << granule)
+                    else:
+                        w.table_invalidate_tlb(ctx, asid)
+        if itype & INV_T_PASID:
+            if gran == INV_G_DOMAIN:
+                w.table_invalidate_cd(ctx)
+            elif flags & INV_F_PASID:
+                w.table_invalidate_cd(ctx, pasid)
+        return S_OK, b""
 
     # -- DMA and faults --------------------------------------------------------------------------
     def translator(self, master: int, domain: Domain) -> EndpointTranslator:
         return EndpointTranslator(self, int(master), domain.p2m_translator)
 
-    def report_fault(self, reason: int, flags: int, endpoint: int, address: int) -> None:
+    def report_fault(self, reason: int, flags: int, endpoint: int, address: int, pasid: int = 0) -> None:
         """Queue one fault record on the event queue, taking the next buffer the driver posted
         (notified or not); with no usable buffer the event is dropped and counted."""
         self.faults += 1
@@ -512,7 +713,7 @@ class VirtioIommu:
             self.events_dropped += 1
             return
         q, mem = t.queues[EVENT_Q], self.mem
-        record = FAULT.pack(reason, flags, endpoint & 0xFFFFFFFF, address & ((1 << 64) - 1))
+        record = FAULT_PASID.pack(reason, flags, endpoint & 0xFFFFFFFF, pasid, address & ((1 << 64) - 1))
         try:
             if not q.pending(mem):
                 self.events_dropped += 1
@@ -555,21 +756,26 @@ class EndpointTranslator:
 
     def translate(self, iova: int, length: int, write: bool, pasid: int | None = None) -> Runs:
         try:
-            return self._translate(iova, length, write)
+            return self._translate(iova, length, write, pasid)
         except DmaFault:
             raise
         except Exception as e:  # noqa: BLE001 - never let a model bug escape into the bus
             log.exception("virtio-iommu: internal error translating %#x", iova)
             raise DmaFault(STATUS_TRANSLATION, iova & ~(PAGE - 1), f"internal error: {e!r}") from None
 
-    def _fault(self, reason: int, status: int, addr: int, write: bool, why: str) -> DmaFault:
+    def _fault(self, reason: int, status: int, addr: int, write: bool, why: str, pasid: int | None = None,
+               steps: list | None = None) -> DmaFault:
         """``addr`` is the first byte of the failing page the access touches (its start, or the
-        page base where a later page fails): the event and the master's FAULT_ADDR carry it."""
+        page base where a later page fails): the event and the master's FAULT_ADDR carry it. An
+        access with a PASID (table domains only) sets FAULT_F_PASID and carries it at offset 12."""
         flags = (FAULT_F_WRITE if write else FAULT_F_READ) | FAULT_F_ADDRESS
-        self.dev.report_fault(reason, flags, self.endpoint, addr)
+        if pasid is not None:
+            flags |= FAULT_F_PASID
+        self.dev.report_fault(reason, flags, self.endpoint, addr, pasid or 0)
         name = {FAULT_R_UNKNOWN: "UNKNOWN", FAULT_R_DOMAIN: "DOMAIN", FAULT_R_MAPPING: "MAPPING"}[reason]
+        context = f"endpoint {self.endpoint}" + (f" PASID {pasid}" if pasid is not None else "")
         expl = FaultExplanation(self.dev.name, addr, "write" if write else "read", status,
-                                f"{why}; fault event reason {name}", context=f"endpoint {self.endpoint}")
+                                f"{why}; fault event reason {name}", context=context, steps=steps or [])
         return DmaFault(status, addr, "virtio-iommu refused the access", expl)
 
     @staticmethod
@@ -592,7 +798,38 @@ class EndpointTranslator:
             delta = max(e.address, gpa) - gpa           # both first bytes of the failing page touched
             raise DmaFault(e.status, iova + delta, e.why, e.explanation) from None
 
-    def _translate(self, iova: int, length: int, write: bool) -> Runs:
+    def _table(self, dom: IommuDomain, iova: int, length: int, write: bool, pasid: int | None) -> Runs:
+        """A table domain: PASID -> CD -> stage 1 -> stage 2, all in the C walker. No PASID:
+        s1dss says terminate (a DOMAIN fault), bypass (the IOVA is a GPA) or use CD 0."""
+        t = dom.table
+        if pasid is None:
+            if t.s1dss == S1DSS_BYPASS:
+                return self._gpa(iova, iova, length, write)
+            if t.s1dss == S1DSS_TERMINATE:
+                raise self._fault(FAULT_R_DOMAIN, STATUS_TRANSLATION, iova, write,
+                                  f"table domain {dom.id}: a DMA without a PASID and s1dss = 0 (terminate)")
+        walk_pasid = 0 if pasid is None else pasid
+        dev = self.dev
+        res = dev.walker.translate_range_pasid(t.ctx, walk_pasid, iova, length, W if write else R)
+        if isinstance(res, list):
+            return res
+        fault, at = res
+        return self._table_fault(dom, fault, at, write, pasid, walk_pasid)
+
+    def _table_fault(self, dom: IommuDomain, fault: Fault, at: int, write: bool, pasid: int | None,
+                     walk_pasid: int):
+        """Raise the fault of a table walk: DOMAIN for the configuration (PASID out of range, L1
+        descriptor, CD, or a CD table the P2M refuses), MAPPING for stage-1 / stage-2 walks."""
+        t = dom.table
+        config = fault.configuration
+        status = STATUS_PERMISSION if fault.kind == PERMISSION and not config else STATUS_TRANSLATION
+        where = f"table domain {dom.id} PASID {walk_pasid}" + (" (s1dss: CD 0)" if pasid is None else "")
+        steps, reason = explain_pasid_walk(self.dev.guest.p2m.memory, CdTable(t.ptr, t.s1fmt, t.cdmax, 0),
+                                           self.dev.guest.p2m.stage, walk_pasid, at, write)
+        raise self._fault(FAULT_R_DOMAIN if config else FAULT_R_MAPPING, status, at, write,
+                          f"{where}: {reason}", pasid, steps)
+
+    def _translate(self, iova: int, length: int, write: bool, pasid: int | None = None) -> Runs:
         dev = self.dev
         ep = self.endpoint
         if length <= 0:
@@ -609,6 +846,8 @@ class EndpointTranslator:
                 return self._gpa(iova, iova, length, write)
             raise self._fault(FAULT_R_DOMAIN, STATUS_TRANSLATION, iova, write,
                               f"endpoint {ep} is attached to no domain and config.bypass is 0")
+        if dom.table is not None:
+            return self._table(dom, iova, length, write, pasid)
         if dom.bypass:
             return self._gpa(iova, iova, length, write)
         need = MAP_F_WRITE if write else MAP_F_READ
@@ -660,6 +899,13 @@ DISPATCH: dict[int, RequestType] = {
     T_PROBE: RequestType(PROBE_REQ, VirtioIommu._probe, lambda dev: dev.probe_size),
 }
 MAX_REQUEST = max(r.layout.size for r in DISPATCH.values())     # no request reads more than its largest layout
+# With F_ATTACH_TABLE negotiated (and only then) types 6 and 7 exist.
+TABLE_DISPATCH: dict[int, RequestType] = {
+    **DISPATCH,
+    T_ATTACH_TABLE: RequestType(ATTACH_TABLE_REQ, VirtioIommu._attach_table),
+    T_INVALIDATE: RequestType(INVALIDATE_REQ, VirtioIommu._invalidate),
+}
+MAX_TABLE_REQUEST = max(r.layout.size for r in TABLE_DISPATCH.values())
 
 
 def build_backend(ctx: BuildContext, spec: dict) -> VirtioIommu:
@@ -671,7 +917,8 @@ def build_backend(ctx: BuildContext, spec: dict) -> VirtioIommu:
         endpoints = [d.get("master", 0) for d in ctx.board.devices if d.get("iommu") == spec["name"]]
     if spec["max_mappings"] < 0:
         raise ValueError("max_mappings must be >= 0")
-    return VirtioIommu(endpoints, bool(ctx.board.boot_bypass), spec["max_mappings"], name=spec["name"])
+    return VirtioIommu(endpoints, bool(ctx.board.boot_bypass), spec["max_mappings"], name=spec["name"],
+                       guest=ctx.domain(spec.get("domain", "dom0")), walker=ctx.walker, alloc_ctx=ctx.alloc_ctx_id)
 
 
 DEVICE = DeviceType(

@@ -71,12 +71,14 @@ int main(struct hvm_start_info *si)
     demo_ram();
     if (mmio_read32(SYSINFO_BASE + SYSINFO_FLAGS) & SYSINFO_F_SECURE) {
         /* Their buffers and rings are private in a secure guest: payload dma_api shows the way. */
-        puts("secure guest: the IPMMU and virtio-iommu tours use unshared memory; skipped (see payload dma_api)");
+        puts("secure guest: the IPMMU, virtio-iommu and PASID tours use unshared memory; skipped (see payload dma_api)");
     } else {
         if (demo_ipmmu)
             demo_ipmmu();
         if (demo_virtio_iommu)
             demo_virtio_iommu();
+        if (demo_pasid)
+            demo_pasid();
     }
     if (demo_dma_bugs)
         demo_dma_bugs();

@@ -44,7 +44,9 @@ static void transport(void)
     uint32_t lo = mmio_read32(base + VIRTIO_MMIO_DEVICE_FEATURES);
     mmio_write32(base + VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
     uint32_t hi = mmio_read32(base + VIRTIO_MMIO_DEVICE_FEATURES);
-    check(lo == VIRTIO_IOMMU_FEATURES_LO && hi == VIRTIO_IOMMU_FEATURES_HI, "features 0x%08x_%08x", hi, lo);
+    check(lo == (VIRTIO_IOMMU_FEATURES_LO | 1u << VIRTIO_IOMMU_F_ATTACH_TABLE) && hi == VIRTIO_IOMMU_FEATURES_HI,
+          "features 0x%08x_%08x", hi, lo);
+    lo &= ~(1u << VIRTIO_IOMMU_F_ATTACH_TABLE);     /* this driver checks the spec device: no PASID tables */
     check(!(lo & (1u << VIRTIO_IOMMU_F_BYPASS)), "legacy F_BYPASS not offered");
     for (unsigned q = 0; q < 2; q++) {
         mmio_write32(base + VIRTIO_MMIO_QUEUE_SEL, q);

@@ -328,7 +328,8 @@ def expected_values(m: Machine) -> dict[str, tuple[int, str]]:
         put(f"VIRTIO_INT_{f.name}", f.mask, f"virtio-mmio InterruptStatus.{f.name}")
     for name in ("INDIRECT_DESC", "EVENT_IDX", "VERSION_1"):
         put(f"VIRTIO_F_{name}", getattr(virtqueue, f"F_{name}").bit_length() - 1, f"virtqueue.F_{name} bit")
-    for name in ("INPUT_RANGE", "DOMAIN_RANGE", "MAP_UNMAP", "BYPASS", "PROBE", "MMIO", "BYPASS_CONFIG"):
+    for name in ("INPUT_RANGE", "DOMAIN_RANGE", "MAP_UNMAP", "BYPASS", "PROBE", "MMIO", "BYPASS_CONFIG",
+                 "ATTACH_TABLE"):
         put(f"VIRTIO_IOMMU_F_{name}", getattr(virtio_iommu, f"F_{name}").bit_length() - 1,
             f"virtio_iommu.F_{name} bit")
     put("VIRTIO_IOMMU_FEATURES_LO", virtio_iommu.FEATURES & 0xFFFFFFFF, "virtio_iommu.FEATURES[31:0]")

@@ -71,7 +71,7 @@ def test_identity_registers(m):
 
 def test_features_words(drv):
     drv.w(DEVICE_FEATURES_SEL, 0)
-    assert drv.r(DEVICE_FEATURES) == 0x30000077
+    assert drv.r(DEVICE_FEATURES) == 0x300000F7          # bit 7: F_ATTACH_TABLE (DESIGN section 6)
     drv.w(DEVICE_FEATURES_SEL, 1)
     assert drv.r(DEVICE_FEATURES) == 0x1
     drv.w(DEVICE_FEATURES_SEL, 2)

@@ -19,5 +19,6 @@ void demo_ram(void);
 void demo_ipmmu(void) __attribute__((weak));
 void demo_virtio_iommu(void) __attribute__((weak));
 void demo_dma_bugs(void) __attribute__((weak));
+void demo_pasid(void) __attribute__((weak));            /* demo/pasid.c */
 
 #endif

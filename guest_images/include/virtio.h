@@ -98,8 +98,10 @@ _Static_assert(sizeof(struct vring_used_elem) == 8, "vring_used_elem layout");
 #define VIRTIO_IOMMU_F_PROBE            4
 #define VIRTIO_IOMMU_F_MMIO             5
 #define VIRTIO_IOMMU_F_BYPASS_CONFIG    6
+#define VIRTIO_IOMMU_F_ATTACH_TABLE     7       /* PASID tables (DESIGN section 6); see pasid.h */
 
-/* The contract's feature words for rcar-virt's virtio-iommu. */
+/* The spec device's feature words (what a driver without F_ATTACH_TABLE negotiates); the
+ * device also offers F_ATTACH_TABLE. */
 #define VIRTIO_IOMMU_FEATURES_LO        0x30000077u
 #define VIRTIO_IOMMU_FEATURES_HI        0x00000001u
 

@@ -5,8 +5,16 @@ addresses, because a single FFI crossing costs far more than a cached translatio
 section 8). ``ReferenceWalker`` (vmm.walker.reference) has the same interface and is written
 independently from the spec rules so the differential tests compare two readings of the spec.
 
-Fault words returned by ``translate`` pack ``kind | stage << 4 | level << 8 | s1ptw << 12``;
-``decode`` turns one into a ``Fault``.
+Fault words returned by ``translate`` pack ``kind | stage << 4 | level << 8 | s1ptw << 12 |
+fetch << 13``; ``decode`` turns one into a ``Fault``.
+
+PASID tables (``table_context``): a context may instead hold an SMMUv3 context-descriptor table
+(DESIGN section 6). ``translate_pasid`` and ``translate_range_pasid`` then look the PASID's CD up
+(linear, or two-level with 4 KiB / 64 KiB leaves), decode it, and walk its stage 1 nested over
+the stage 2 of another context (the domain's P2M): every guest-physical access -- L1 descriptor,
+CD, stage-1 tables, output -- goes through that stage 2. Decoded CDs are cached per PASID and
+translations per (ASID, page) until ``table_invalidate_cd`` / ``table_invalidate_tlb`` (or a
+change of that stage 2) drops them, as on SMMUv3.
 """
 from __future__ import annotations
 
@@ -23,8 +31,18 @@ F_NS_CHECK = 4
 F_APTABLE = 8
 
 OK, TRANSLATION, ACCESS_FLAG, PERMISSION, ADDRESS_SIZE, WALK_ABORT, NS = 0, 1, 2, 3, 4, 5, 6
+BAD_SUBSTREAM, BAD_CD = 7, 8          # PASID tables: configuration faults (SMMU C_BAD_SUBSTREAMID / C_BAD_CD)
 KIND_NAMES = {OK: "ok", TRANSLATION: "translation", ACCESS_FLAG: "access-flag", PERMISSION: "permission",
-              ADDRESS_SIZE: "address-size", WALK_ABORT: "walk-abort", NS: "ns"}
+              ADDRESS_SIZE: "address-size", WALK_ABORT: "walk-abort", NS: "ns",
+              BAD_SUBSTREAM: "bad-substreamid", BAD_CD: "bad-cd"}
+FETCH_NONE, FETCH_L1, FETCH_CD = 0, 1, 2       # which configuration fetch a PASID-table fault hit
+FETCH_NAMES = {FETCH_L1: "the L1 CD descriptor", FETCH_CD: "the context descriptor"}
+
+# CD table formats (ATTACH_TABLE s1fmt) and the PASID split of the two-level ones
+CD_LINEAR, CD_4K_LEAVES, CD_64K_LEAVES = 0, 1, 2
+CD_SPLIT = {CD_4K_LEAVES: 6, CD_64K_LEAVES: 10}
+CD_SIZE = 64
+MAX_CDMAX = 20
 
 MAX_CONTEXTS = 1024
 _U64 = (1 << 64) - 1
@@ -32,7 +50,8 @@ _U64 = (1 << 64) - 1
 __all__ = [
     "R", "W", "F_S2", "F_CHECK_AF", "F_NS_CHECK", "F_APTABLE",
     "OK", "TRANSLATION", "ACCESS_FLAG", "PERMISSION", "ADDRESS_SIZE", "WALK_ABORT", "NS",
-    "Stage", "Fault", "Walker", "ReferenceWalker", "MAX_CONTEXTS", "decode_fault", "coalesce_range",
+    "BAD_SUBSTREAM", "BAD_CD", "FETCH_L1", "FETCH_CD", "CD_LINEAR", "CD_4K_LEAVES", "CD_64K_LEAVES",
+    "Stage", "Fault", "CdTable", "Walker", "ReferenceWalker", "MAX_CONTEXTS", "decode_fault", "coalesce_range",
 ]
 
 
@@ -76,7 +95,9 @@ class Fault:
     """A translation fault: kind, stage (1/2), lookup level and the faulting input address.
 
     ``address`` is the IOVA for a stage-1 fault and the IPA for a stage-2 fault; with
-    ``s1ptw`` it is the IPA of the stage-1 descriptor whose stage-2 translation failed.
+    ``s1ptw`` it is the IPA of the stage-1 descriptor whose stage-2 translation failed. With
+    ``fetch`` (PASID tables) the fault hit a configuration fetch: ``address`` is then the IPA of
+    the L1 CD descriptor or the CD (the PASID itself for a PASID out of range).
     """
 
     kind: int
@@ -84,14 +105,22 @@ class Fault:
     level: int
     address: int
     s1ptw: bool = False
+    fetch: int = FETCH_NONE
 
     @property
     def word(self) -> int:
         """The packed fault word as ``translate`` reports it."""
-        return self.kind | self.stage << 4 | self.level << 8 | int(self.s1ptw) << 12
+        return self.kind | self.stage << 4 | self.level << 8 | int(self.s1ptw) << 12 | self.fetch << 13
+
+    @property
+    def configuration(self) -> bool:
+        """A fault of the PASID-table configuration (PASID, L1 descriptor, CD), not of a walk."""
+        return self.fetch != FETCH_NONE or self.kind in (BAD_SUBSTREAM, BAD_CD)
 
     def __str__(self) -> str:
         extra = " s1ptw" if self.s1ptw else ""
+        if self.fetch:
+            extra += f" fetching {FETCH_NAMES.get(self.fetch, self.fetch)}"
         return (f"{KIND_NAMES.get(self.kind, self.kind)} fault, stage {self.stage} level {self.level}"
                 f" at {self.address:#x}{extra}")
 
@@ -99,7 +128,42 @@ class Fault:
 def decode_fault(fault_word: int, address: int) -> Fault:
     """Unpack a fault word from ``translate`` (shared by both walkers)."""
     return Fault(fault_word & 0xF, (fault_word >> 4) & 0xF, (fault_word >> 8) & 0xF, address,
-                 bool((fault_word >> 12) & 1))
+                 bool((fault_word >> 12) & 1), (fault_word >> 13) & 3)
+
+
+@dataclass(frozen=True)
+class CdTable:
+    """An SMMUv3 context-descriptor table as ATTACH_TABLE gives it: ``ptr`` (S1ContextPtr, an
+    IPA), ``fmt`` (S1Fmt: 0 linear, 1 two-level with 4 KiB leaves, 2 with 64 KiB leaves),
+    ``cdmax`` (log2 of the number of CDs) and ``s2_ctx``, the context whose stage 2 translates
+    every access the table needs."""
+
+    ptr: int
+    fmt: int
+    cdmax: int
+    s2_ctx: int
+
+    def validate(self) -> None:
+        if self.fmt not in (CD_LINEAR, CD_4K_LEAVES, CD_64K_LEAVES):
+            raise ValueError(f"CD table format must be 0, 1 or 2, not {self.fmt}")
+        if not 0 <= self.cdmax <= MAX_CDMAX:
+            raise ValueError(f"s1cdmax must be 0..{MAX_CDMAX}, not {self.cdmax}")
+        if not 0 <= self.ptr <= _U64:
+            raise ValueError(f"s1contextptr {self.ptr:#x} is not a 64-bit value")
+        if not 0 <= self.s2_ctx < MAX_CONTEXTS:
+            raise ValueError(f"stage-2 context {self.s2_ctx} out of range")
+
+    def l1_entries(self) -> int:
+        """Entries of the L1 table (two-level formats)."""
+        return 1 << max(0, self.cdmax - CD_SPLIT[self.fmt])
+
+    def size(self) -> int:
+        """Bytes of the table S1ContextPtr points at (the L1 table when two-level)."""
+        return CD_SIZE << self.cdmax if self.fmt == CD_LINEAR else 8 * self.l1_entries()
+
+    def alignment(self) -> int:
+        """What S1ContextPtr must be aligned to: the table's size, at least 64 bytes."""
+        return max(64, self.size())
 
 
 def range_pages(addr: int, length: int, granule: int) -> array:
@@ -211,6 +275,7 @@ class Walker:
         self._runs = ffi.new("uint64_t[]", 2 * self._max_runs)
         self._rfault = ffi.new("uint32_t[1]")
         self._rfaddr = ffi.new("uint64_t[1]")
+        self._rfiova = ffi.new("uint64_t[1]")
         self._stage_buf = (ffi.new("struct wk_stage *"), ffi.new("struct wk_stage *"))
         self._stats = ffi.new("uint64_t[3]")
 
@@ -326,6 +391,90 @@ class Walker:
             # skipped by callers that knew it was off): start clean
             lib.wk_invalidate_all(self._w)
         lib.wk_set_tlb(self._w, 1 if on else 0)
+
+    # -- PASID tables ----------------------------------------------------------------------
+    def table_context(self, ctx_id: int, table: CdTable) -> None:
+        """Make ``ctx_id`` a PASID-table context (dropping whatever it cached); the stage-2
+        context must be a defined stage-2-only context."""
+        if not 0 <= ctx_id < MAX_CONTEXTS:
+            raise ValueError(f"context id {ctx_id} out of range 0..{MAX_CONTEXTS - 1}")
+        table.validate()
+        cfg = ffi.new("struct wk_cdtable *", {"ptr": table.ptr, "fmt": table.fmt, "cdmax": table.cdmax,
+                                              "s2_ctx": table.s2_ctx})
+        rc = lib.wk_set_table(self._w, ctx_id, cfg)
+        if rc == -2:
+            raise MemoryError("cannot allocate the PASID-table caches")
+        if rc:
+            raise ValueError(f"context {table.s2_ctx} is not a stage-2-only context (or {ctx_id} is)")
+        self._granule.pop(ctx_id, None)
+
+    def translate_pasid(self, ctx_id: int, pasid: int, addrs: Iterable[int],
+                        access: int | Sequence[int]) -> tuple[array, array]:
+        """A batch through one PASID of a table context in one C call (never raises)."""
+        a = as_addrs(addrs)
+        n = len(a)
+        out = array("Q", [0]) * n
+        fault = array("I", [0]) * n
+        if n == 0:
+            return out, fault
+        if isinstance(access, int):
+            accp, acc_all = ffi.NULL, access & 3
+        else:
+            accp, acc_all = ffi.from_buffer("uint8_t[]", as_access(access, n)), 0
+        cid = ctx_id if 0 <= ctx_id < MAX_CONTEXTS else 0xFFFFFFFF
+        lib.wk_table_translate(self._w, cid, pasid & 0xFFFFFFFF, ffi.from_buffer("uint64_t[]", a), accp, acc_all,
+                               n, ffi.from_buffer("uint64_t[]", out), ffi.from_buffer("uint32_t[]", fault))
+        return out, fault
+
+    def translate_range_pasid(self, ctx_id: int, pasid: int, addr: int, length: int,
+                              access: int) -> list[tuple[int, int]] | tuple[Fault, int]:
+        """Every 4 KiB page of [addr, addr+length) through one PASID: coalesced (mpa, n) runs, or
+        (the first fault, the first byte of the failing page the transfer touches)."""
+        if length <= 0:
+            return []
+        if not 0 <= addr <= _U64:
+            return Fault(TRANSLATION, 1, 0, _U64), _U64
+        cid = ctx_id if 0 <= ctx_id < MAX_CONTEXTS else 0xFFFFFFFF
+        length = min(length, _U64 + 1 - addr)
+        fiova = self._rfiova
+        args = (self._w, cid, pasid & 0xFFFFFFFF, addr, length, int(access) & 3)
+        n = lib.wk_table_translate_range(*args, self._runs, self._max_runs, self._rfault, self._rfaddr, fiova)
+        if n == -2:
+            self._max_runs = (length >> 12) + 2
+            self._runs = ffi.new("uint64_t[]", 2 * self._max_runs)
+            n = lib.wk_table_translate_range(*args, self._runs, self._max_runs, self._rfault, self._rfaddr, fiova)
+        if n < 0:
+            return decode_fault(self._rfault[0], self._rfaddr[0]), fiova[0]
+        runs = self._runs
+        return [(runs[2 * i], runs[2 * i + 1]) for i in range(n)]
+
+    def table_invalidate_cd(self, ctx_id: int, pasid: int | None = None) -> None:
+        """Drop the cached CD of ``pasid`` (every cached CD of the context when None)."""
+        if 0 <= ctx_id < MAX_CONTEXTS:
+            lib.wk_table_inv_cd(self._w, ctx_id, -1 if pasid is None else pasid & 0xFFFFFFFF)
+
+    def table_invalidate_tlb(self, ctx_id: int, asid: int | None = None, start: int = 0,
+                             length: int | None = None) -> None:
+        """Drop the cached translations of ``asid`` (every ASID when None) whose input leaf
+        overlaps [start, start + length) (the whole input space when ``length`` is None)."""
+        if not 0 <= ctx_id < MAX_CONTEXTS or start < 0 or start > _U64 or (length is not None and length <= 0):
+            return
+        end = _U64 if length is None else min(start + length - 1, _U64)
+        lib.wk_table_inv_tlb(self._w, ctx_id, -1 if asid is None else asid & 0xFFFF, start, end)
+
+    def table_cached_asid(self, ctx_id: int, pasid: int) -> int | None:
+        """The ASID of the cached CD of ``pasid``, or None when it is not cached."""
+        if not 0 <= ctx_id < MAX_CONTEXTS:
+            return None
+        asid = lib.wk_table_cached_asid(self._w, ctx_id, pasid & 0xFFFFFFFF)
+        return None if asid < 0 else asid
+
+    def table_counts(self, ctx_id: int) -> tuple[int, int]:
+        """(cached CDs, cached translations) of a table context."""
+        buf = ffi.new("uint64_t[2]")
+        if 0 <= ctx_id < MAX_CONTEXTS:
+            lib.wk_table_counts(self._w, ctx_id, buf)
+        return buf[0], buf[1]
 
     # -- bench support ---------------------------------------------------------------------
     def _bench_chase(self, start: int, loads: int, reps: int) -> int:

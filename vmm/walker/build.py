@@ -39,6 +39,22 @@ void wk_stats(const struct wk_walker *w, uint64_t *out3);
 void wk_reset_stats(struct wk_walker *w);
 void wk_set_tlb(struct wk_walker *w, int on);
 int wk_get_tlb(const struct wk_walker *w);
+struct wk_cdtable {
+    uint64_t ptr;
+    uint32_t fmt;
+    uint32_t cdmax;
+    uint32_t s2_ctx;
+};
+int wk_set_table(struct wk_walker *w, uint32_t ctx_id, const struct wk_cdtable *cfg);
+void wk_table_translate(struct wk_walker *w, uint32_t ctx_id, uint32_t pasid, const uint64_t *addrs,
+                        const uint8_t *accs, uint32_t acc_all, uint64_t n, uint64_t *out, uint32_t *fault);
+int64_t wk_table_translate_range(struct wk_walker *w, uint32_t ctx_id, uint32_t pasid, uint64_t addr, uint64_t len,
+                                 uint32_t acc, uint64_t *runs, uint64_t max_runs, uint32_t *fault, uint64_t *faddr,
+                                 uint64_t *fiova);
+void wk_table_inv_cd(struct wk_walker *w, uint32_t ctx_id, int64_t pasid);
+void wk_table_inv_tlb(struct wk_walker *w, uint32_t ctx_id, int64_t asid, uint64_t start, uint64_t end);
+int64_t wk_table_cached_asid(struct wk_walker *w, uint32_t ctx_id, uint32_t pasid);
+void wk_table_counts(const struct wk_walker *w, uint32_t ctx_id, uint64_t *out2);
 uint64_t wk_bench_chase(const struct wk_walker *w, uint64_t start, uint64_t loads, uint64_t reps);
 """
 

@@ -16,15 +16,22 @@ from dataclasses import dataclass
 from vmm.walker import (
     ACCESS_FLAG,
     ADDRESS_SIZE,
+    BAD_CD,
+    BAD_SUBSTREAM,
+    CD_LINEAR,
+    CD_SPLIT,
     F_APTABLE,
     F_CHECK_AF,
     F_NS_CHECK,
     F_S2,
+    FETCH_CD,
+    FETCH_L1,
     MAX_CONTEXTS,
     NS,
     PERMISSION,
     TRANSLATION,
     WALK_ABORT,
+    CdTable,
     Fault,
     Stage,
     as_access,
@@ -41,9 +48,9 @@ _OA_FIELD = (1 << 48) - 1          # descriptor address fields live in bits [47:
 class _Stop(Exception):
     """A fault found during a walk (unwinds to ``_translate``)."""
 
-    def __init__(self, kind: int, stage: int, level: int, address: int, s1ptw: bool = False) -> None:
+    def __init__(self, kind: int, stage: int, level: int, address: int, s1ptw: bool = False, fetch: int = 0) -> None:
         super().__init__(kind)
-        self.fault = Fault(kind, stage, level, address, s1ptw)
+        self.fault = Fault(kind, stage, level, address, s1ptw, fetch)
 
 
 @dataclass
@@ -58,6 +65,39 @@ class Step:
     table_ipa: int      # the descriptor's address before stage 2 (== address when not nested)
     address: int        # the machine address it was read from
     descriptor: int | None
+    what: str = "walk"  # "walk", or a PASID-table fetch: "l1cd" (L1 CD descriptor), "cd" (dword 0)
+    extra: int | None = None   # "cd": the CD's dword 1 (TTB0, HAD0)
+
+
+@dataclass(frozen=True)
+class DecodedCd:
+    """What a valid CD says about stage 1 (docs/facts/pgtable.md section 7)."""
+
+    stage: Stage
+    asid: int
+    epd0: bool
+
+
+_IPS_BITS = (32, 36, 40, 42, 44, 48, 52, 52)
+_TG0 = {0: 12, 1: 16, 2: 14}            # CD.TG0: 00 4 KiB, 01 64 KiB, 10 16 KiB (11 reserved)
+
+
+def decode_cd(d0: int, d1: int, oa_limit: int = 40) -> DecodedCd | None:
+    """The CD's dwords 0 and 1 -> its stage 1, or None when the CD is not valid: V = 0, T0SZ
+    outside 16..39, TG0 = 11, ENDI = 1 (big-endian tables) or AA64 = 0 (VMSAv8-32 tables)."""
+    def bits(v: int, hi: int, lo: int) -> int:
+        return (v >> lo) & ((1 << (hi - lo + 1)) - 1)
+
+    t0sz, tg0 = bits(d0, 5, 0), bits(d0, 7, 6)
+    if not bits(d0, 31, 31) or not 16 <= t0sz <= 39 or tg0 not in _TG0 or bits(d0, 15, 15) or not bits(d0, 41, 41):
+        return None
+    granule = _TG0[tg0]
+    ia_bits = 64 - t0sz
+    start_level = 4 - (ia_bits - 4) // (granule - 3)          # Arm's table for TnSZ -> start level
+    flags = (0 if bits(d0, 35, 35) else F_CHECK_AF) | (0 if bits(d1, 1, 1) else F_APTABLE)
+    stage = Stage(ttbr=bits(d1, 51, 4) << 4, ia_bits=ia_bits, start_level=start_level, granule=granule,
+                  oa_bits=min(_IPS_BITS[bits(d0, 34, 32)], oa_limit), flags=flags)
+    return DecodedCd(stage, bits(d0, 63, 48), bool(bits(d0, 14, 14)))
 
 
 @dataclass
@@ -105,6 +145,10 @@ class ReferenceWalker:
         self._tlb: dict[tuple[int, int], tuple[int, int, int, int, int, tuple[int, ...]]] = {}
         self._tlb_on = True
         self._hits = self._misses = self._walks = 0
+        # PASID tables: the table of each table context, its cached CDs and translations
+        self._tables: dict[int, CdTable] = {}
+        self._cds: dict[int, dict[int, tuple[DecodedCd, _StageGeometry]]] = {}
+        self._ptlb: dict[int, dict[tuple[int, int], tuple[int, int, int, int, int]]] = {}
 
     # -- contexts --------------------------------------------------------------------------
     def context(self, ctx_id: int, s1: Stage | None, s2: Stage | None, s2_id: int = 0) -> None:
@@ -115,6 +159,9 @@ class ReferenceWalker:
             if st is not None:
                 st.validate()
         self._drop(lambda key, val: key[0] == ctx_id)
+        self._tables.pop(ctx_id, None)
+        self._cds.pop(ctx_id, None)
+        self._ptlb.pop(ctx_id, None)
         if s1 is None and s2 is None:
             self._contexts.pop(ctx_id, None)
             return
@@ -253,6 +300,187 @@ class ReferenceWalker:
                                          table_ipas)
         return out, 0
 
+    # -- PASID tables ----------------------------------------------------------------------
+    CD_CACHE_MAX = 1024          # the contract's bounds: beyond them the whole cache goes
+    TLB_MAX = 65536
+
+    def table_context(self, ctx_id: int, table: CdTable) -> None:
+        """Make ``ctx_id`` a PASID-table context over the stage 2 of ``table.s2_ctx``."""
+        if not 0 <= ctx_id < MAX_CONTEXTS:
+            raise ValueError(f"context id {ctx_id} out of range")
+        table.validate()
+        s2ctx = self._contexts.get(table.s2_ctx)
+        if table.s2_ctx == ctx_id or s2ctx is None or s2ctx[0] is not None or s2ctx[1] is None \
+                or table.s2_ctx in self._tables:
+            raise ValueError(f"context {table.s2_ctx} is not a stage-2-only context (or {ctx_id} is)")
+        self._drop(lambda key, val: key[0] == ctx_id)
+        self._contexts.pop(ctx_id, None)
+        self._tables[ctx_id] = table
+        self._cds[ctx_id] = {}
+        self._ptlb[ctx_id] = {}
+
+    def _s2_of(self, table: CdTable) -> _StageGeometry:
+        return self._contexts[table.s2_ctx][1]
+
+    def _fetch_cd(self, table: CdTable, pasid: int, trace: list[Step] | None = None) -> DecodedCd:
+        """Find and decode the CD of ``pasid`` (SMMU 5.2 S1Fmt/S1CDMax, 5.3 L1CD), reading every
+        entry through stage 2. Raises _Stop with the configuration fault."""
+        g2 = self._s2_of(table)
+        if pasid >= 1 << table.cdmax:
+            raise _Stop(BAD_SUBSTREAM, 1, 0, pasid)
+
+        def read(ipa: int, fetch: int, nbytes: int, what: str, base: int, index: int) -> tuple[int, int]:
+            try:
+                mpa = self._walk(g2, ipa, _READ, None, trace=trace).oa
+            except _Stop as stop:
+                f = stop.fault
+                raise _Stop(f.kind, f.stage, f.level, ipa, False, fetch) from None
+            if trace is not None:
+                trace.append(Step(1, 0, base, index, ipa, mpa, None, what))
+            if mpa + nbytes > self._mem.size:
+                raise _Stop(WALK_ABORT, 1, 0, ipa, False, fetch)
+            value = int.from_bytes(self._mem.view[mpa:mpa + 8], "little")
+            if trace is not None:
+                trace[-1].descriptor = value
+            return value, mpa
+
+        if table.fmt == CD_LINEAR:
+            base, index = table.ptr, pasid
+        else:
+            split = CD_SPLIT[table.fmt]
+            l1_index = pasid >> split
+            l1_ipa = table.ptr + 8 * l1_index
+            l1, _ = read(l1_ipa, FETCH_L1, 8, "l1cd", table.ptr, l1_index)
+            if not l1 & 1:
+                raise _Stop(BAD_SUBSTREAM, 1, 0, l1_ipa, False, FETCH_L1)
+            base = l1 & (((1 << 52) - 1) & ~0xFFF)                 # L2Ptr, bits [51:12]
+            if split == 10:
+                base &= ~0xFFFF                                    # 64 KiB leaves: L2Ptr[15:12] RES0
+            index = pasid & ((1 << split) - 1)
+        cd_ipa = base + 64 * index
+        d0, mpa = read(cd_ipa, FETCH_CD, 16, "cd", base, index)
+        d1 = int.from_bytes(self._mem.view[mpa + 8:mpa + 16], "little")
+        if trace is not None:
+            trace[-1].extra = d1
+        cd = decode_cd(d0, d1)
+        if cd is None:
+            raise _Stop(BAD_CD, 1, 0, cd_ipa, False, FETCH_CD)
+        return cd
+
+    def _cd_walk(self, table: CdTable, cd: DecodedCd, addr: int, access: int,
+                 trace: list[Step] | None = None) -> tuple[int, int, int, int, int]:
+        """Stage 1 of the CD nested over stage 2, then stage 2: (out, perms, in size, ipa, ipa size)."""
+        if cd.epd0:
+            raise _Stop(TRANSLATION, 1, 0, addr)
+        g2 = self._s2_of(table)
+        leaf = self._walk(_StageGeometry(cd.stage, 1), addr, access, g2, None, trace)
+        leaf2 = self._walk(g2, leaf.oa, access, None, None, trace)
+        return leaf2.oa, leaf.perms & leaf2.perms, leaf.size, leaf.oa, leaf2.size
+
+    def _pasid_one(self, ctx_id: int, pasid: int, addr: int, access: int) -> tuple[int, int]:
+        table = self._tables.get(ctx_id)
+        if table is None:
+            return addr, Fault(TRANSLATION, 1, 0, addr).word
+        cds, tlb = self._cds[ctx_id], self._ptlb[ctx_id]
+        try:
+            if self._tlb_on and pasid in cds:
+                cd = cds[pasid][0]
+            else:
+                cd = self._fetch_cd(table, pasid)
+                if self._tlb_on:
+                    if len(cds) >= self.CD_CACHE_MAX:
+                        cds.clear()
+                    cds[pasid] = (cd, _StageGeometry(cd.stage, 1))
+            key = (cd.asid, addr >> 12)
+            if self._tlb_on:
+                hit = tlb.get(key)
+                if hit is not None and access & ~hit[1] & 3 == 0:
+                    self._hits += 1
+                    return hit[0] + (addr & 0xFFF), 0
+                self._misses += 1
+            self._walks += 1
+            out, perms, in_size, ipa, ipa_size = self._cd_walk(table, cd, addr, access)
+        except _Stop as stop:
+            return stop.fault.address, stop.fault.word
+        if self._tlb_on:
+            if len(tlb) >= self.TLB_MAX:
+                tlb.clear()
+            tlb[key] = (out & ~0xFFF, perms, in_size, ipa & ~0xFFF, ipa_size)
+        return out, 0
+
+    def translate_pasid(self, ctx_id: int, pasid: int, addrs: Iterable[int],
+                        access: int | Sequence[int]) -> tuple[array, array]:
+        """A batch through one PASID of a table context; never raises."""
+        addrs = as_addrs(addrs)
+        accs = [access & 3] * len(addrs) if isinstance(access, int) else list(as_access(access, len(addrs)))
+        out, fault = array("Q"), array("I")
+        for a, acc in zip(addrs, accs, strict=True):
+            o, f = self._pasid_one(ctx_id, pasid, a, acc)
+            out.append(o)
+            fault.append(f)
+        return out, fault
+
+    def translate_range_pasid(self, ctx_id: int, pasid: int, addr: int, length: int,
+                              access: int) -> list[tuple[int, int]] | tuple[Fault, int]:
+        """Coalesced runs for [addr, addr+length) through one PASID, or (fault, failing IOVA)."""
+        if length <= 0:
+            return []
+        if not 0 <= addr < 1 << 64:
+            return Fault(TRANSLATION, 1, 0, (1 << 64) - 1), (1 << 64) - 1
+        length = min(length, (1 << 64) - addr)
+        out = []
+        for page in range_pages(addr, length, 12):
+            o, f = self._pasid_one(ctx_id, pasid, page, access & 3)
+            if f:
+                return decode_fault(f, o), page
+            out.append(o)
+        return coalesce_range(addr, length, 12, out)
+
+    def table_invalidate_cd(self, ctx_id: int, pasid: int | None = None) -> None:
+        cds = self._cds.get(ctx_id)
+        if cds is not None:
+            if pasid is None:
+                cds.clear()
+            else:
+                cds.pop(pasid, None)
+
+    def table_invalidate_tlb(self, ctx_id: int, asid: int | None = None, start: int = 0,
+                             length: int | None = None) -> None:
+        tlb = self._ptlb.get(ctx_id)
+        if tlb is None or (length is not None and length <= 0):
+            return
+        end = (1 << 64) if length is None else start + length
+        for key in [k for k, v in tlb.items() if (asid is None or k[0] == asid)
+                    and (k[1] << 12) // v[2] * v[2] < end and (k[1] << 12) // v[2] * v[2] + v[2] > start]:
+            del tlb[key]
+
+    def table_cached_asid(self, ctx_id: int, pasid: int) -> int | None:
+        hit = self._cds.get(ctx_id, {}).get(pasid)
+        return None if hit is None else hit[0].asid
+
+    def table_counts(self, ctx_id: int) -> tuple[int, int]:
+        return len(self._cds.get(ctx_id, {})), len(self._ptlb.get(ctx_id, {}))
+
+    def explain_pasid(self, table: CdTable, s2: Stage, pasid: int, addr: int,
+                      access: int) -> tuple[list[Step], Fault | None]:
+        """Walk ``addr`` through PASID ``pasid`` of ``table`` as memory is now (no caches):
+        the L1 descriptor and CD reads, then both stages, each step recorded."""
+        g2 = _StageGeometry(s2, 2)
+        trace: list[Step] = []
+        saved = self._contexts.get(table.s2_ctx)
+        self._contexts[table.s2_ctx] = (None, g2, 0)
+        try:
+            cd = self._fetch_cd(table, pasid, trace)
+            self._cd_walk(table, cd, addr, access & 3, trace)
+        except _Stop as stop:
+            return trace, stop.fault
+        finally:
+            if saved is None:
+                self._contexts.pop(table.s2_ctx, None)
+            else:
+                self._contexts[table.s2_ctx] = saved
+        return trace, None
+
     # -- public API (same as Walker) -------------------------------------------------------
     def translate(self, ctx_id: int, addrs: Iterable[int], access: int | Sequence[int]) -> tuple[array, array]:
         """Translate a batch; never raises for bad addresses."""
@@ -298,9 +526,15 @@ class ReferenceWalker:
 
     def invalidate_all(self) -> None:
         self._tlb.clear()
+        for ctx_id in self._tables:
+            self._cds[ctx_id].clear()
+            self._ptlb[ctx_id].clear()
 
     def invalidate_context(self, ctx_id: int) -> None:
         self._drop(lambda key, val: key[0] == ctx_id)
+        if ctx_id in self._tables:
+            self._cds[ctx_id].clear()
+            self._ptlb[ctx_id].clear()
 
     def invalidate_range(self, ctx_id: int, start: int, length: int) -> None:
         """Drop entries whose input leaf overlaps the range (the whole leaf, as hardware would)."""
@@ -320,6 +554,11 @@ class ReferenceWalker:
         if length <= 0:
             return
         end = start + length
+        for ctx_id, table in self._tables.items():
+            s2ctx = self._contexts.get(table.s2_ctx)
+            if s2ctx is not None and s2ctx[2] == s2_id:      # everything it cached came through that P2M
+                self._cds[ctx_id].clear()
+                self._ptlb[ctx_id].clear()
 
         def hit(key, val):
             ctx = self._contexts.get(key[0])

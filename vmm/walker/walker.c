@@ -37,12 +37,18 @@
 #define K_ADDRESS_SIZE 4u
 #define K_WALK_ABORT 5u
 #define K_NS 6u
+#define K_BAD_SUBSTREAM 7u   /* PASID tables: PASID >= 2^s1cdmax, or an L1 CD descriptor with V = 0 */
+#define K_BAD_CD 8u          /* PASID tables: a CD that is not valid (V, T0SZ, TG0, ENDI, AA64) */
 
 #define ACC_R 1u
 #define ACC_W 2u
 
 #define FW(kind, stage, level) ((uint32_t)(kind) | ((uint32_t)(stage) << 4) | ((uint32_t)(level) << 8))
 #define FW_S1PTW (1u << 12)
+/* PASID tables: which configuration fetch failed (bits 14:13): the L1 CD descriptor or the CD */
+#define FETCH_L1 1u
+#define FETCH_CD 2u
+#define FW_FETCH(x) ((uint32_t)(x) << 13)
 
 #define ADDR_47 0x0000FFFFFFFFFFFFull
 
@@ -68,8 +74,11 @@ struct stg {
     uint64_t idx_mask;   /* (1 << stride) - 1 */
 };
 
+struct tstate;
+
 struct ctx {
     struct stg s1, s2;
+    struct tstate *tbl;  /* a PASID-table context (wk_set_table), else NULL */
     uint32_t gen;        /* 0 never matches; bumped on redefinition/invalidation */
     uint32_t s2_id;
     uint8_t defined, has_s1, has_s2;
@@ -279,15 +288,82 @@ static inline __attribute__((always_inline)) uint32_t walk_flat(const struct wk_
 }
 
 /*
+ * What one translation learnt from its last stage-2 walk of a table address: the leaf (2 MiB
+ * blocks put the CD table and every stage-1 table in one) and the last-level table (4 KiB pages:
+ * tables in the same 2 MiB share it). A later table read of the same translation reuses them
+ * instead of re-reading the same upper descriptors. It lives for one translation only --
+ * nothing is kept across translations -- and holds only what successful walks read, so results
+ * and faults are exactly those of full walks.
+ */
+struct s2memo {
+    uint64_t base, mask, mpa;        /* leaf: IPA base, size - 1 (0: empty), MPA base */
+    uint64_t tbase, tmask, table;    /* last table: the IPA region it covers, size - 1 (0: empty), its MPA */
+    uint32_t tlvl;
+};
+#define S2MEMO_EMPTY {0, 0, 0, 0, 0, 0, 0}
+
+/* The MPA of a table read at `ipa` through stage 2 (0 or a stage-2 fault word). */
+static inline __attribute__((always_inline)) uint32_t s2_table_read(const struct wk_walker *w, const struct stg *s2,
+                                                                    uint64_t ipa, struct s2memo *m, uint64_t *mpa)
+{
+    struct wpos p;
+    struct wres r2;
+    uint64_t tbase = 0, tmask = 0, table = 0;
+    uint32_t f, tlvl = 0;
+
+    if (m->mask && (ipa & ~m->mask) == m->base) {
+        *mpa = m->mpa + (ipa & m->mask);
+        return 0;
+    }
+    if (m->tmask && (ipa & ~m->tmask) == m->tbase) {
+        p.lvl = m->tlvl;
+        p.sh = lvl_shift(s2->g, p.lvl);
+        p.table = m->table;
+        p.idx = (ipa >> p.sh) & s2->idx_mask;
+        p.wp = 1;
+    } else {
+        f = walk_start(s2, 2, ipa, &p);
+        if (f)
+            return f;
+    }
+    for (;;) {
+        const uint64_t a = p.table + (p.idx << 3);
+        if (a > w->last)
+            return FW(K_WALK_ABORT, 2, p.lvl);
+        f = step(s2, 2, ipa, ACC_R, load64(w, a), &p, &r2);
+        if (f == STEP_TABLE) {
+            tlvl = p.lvl;
+            table = p.table;
+            tmask = (1ull << (p.sh + s2->stride)) - 1ull;
+            tbase = ipa & ~tmask;
+            continue;
+        }
+        if (f != STEP_LEAF)
+            return f;
+        break;
+    }
+    if (tmask) {
+        m->tlvl = tlvl;
+        m->table = table;
+        m->tmask = tmask;
+        m->tbase = tbase;
+    }
+    m->mask = (1ull << r2.shift) - 1ull;
+    m->base = ipa & ~m->mask;
+    m->mpa = r2.out - (ipa & m->mask);
+    *mpa = r2.out;
+    return 0;
+}
+
+/*
  * The stage 1 of a nested context: each descriptor address is an IPA, translated (for a read)
  * by a full stage-2 walk first. Returns 0 or a fault word with r->faddr the address to report;
  * r->tlo/thi get the lowest/highest descriptor IPA fetched.
  */
 static uint32_t walk_nested(const struct wk_walker *w, const struct stg *s, const struct stg *s2, uint64_t ia,
-                            uint32_t acc, struct wres *r)
+                            uint32_t acc, struct wres *r, struct s2memo *m)
 {
     struct wpos p;
-    struct wres r2;
     uint32_t f = walk_start(s, 1, ia, &p);
 
     r->faddr = ia;
@@ -301,12 +377,11 @@ static uint32_t walk_nested(const struct wk_walker *w, const struct stg *s, cons
             r->tlo = a;
         if (a > r->thi)
             r->thi = a;
-        f = walk_flat(w, s2, 2, a, ACC_R, &r2);
+        f = s2_table_read(w, s2, a, m, &a);
         if (f) {
-            r->faddr = a;
+            r->faddr = p.table + (p.idx << 3);
             return f | FW_S1PTW;
         }
-        a = r2.out;
         if (a > w->last)
             return FW(K_WALK_ABORT, 1, p.lvl);
         f = step(s, 1, ia, acc, load64(w, a), &p, r);
@@ -319,8 +394,10 @@ static uint32_t walk_nested(const struct wk_walker *w, const struct stg *s, cons
 static uint32_t walk_stage(const struct wk_walker *w, const struct stg *s, uint32_t stage, uint64_t ia,
                            uint32_t acc, const struct stg *s2, struct wres *r)
 {
-    if (s2)
-        return walk_nested(w, s, s2, ia, acc, r);
+    if (s2) {
+        struct s2memo m = S2MEMO_EMPTY;
+        return walk_nested(w, s, s2, ia, acc, r, &m);
+    }
     r->faddr = ia;
     r->tlo = ~0ull;
     r->thi = 0;
@@ -368,6 +445,10 @@ static uint32_t translate_one(const struct wk_walker *w, const struct ctx *c, ui
     }
     return 0;
 }
+
+struct tstate;
+static void table_free(struct ctx *c);
+static void table_flush_all(struct tstate *t);
 
 static void wipe_tlb(struct wk_walker *w)
 {
@@ -424,7 +505,10 @@ struct wk_walker *wk_new(uintptr_t mem, uint64_t size, uint64_t tlb_entries)
 
 void wk_free(struct wk_walker *w)
 {
+    uint32_t i;
     if (w) {
+        for (i = 0; i < WK_MAX_CTX; i++)
+            table_free(&w->ctx[i]);
         free(w->tlb);
         free(w);
     }
@@ -437,6 +521,7 @@ int wk_set_context(struct wk_walker *w, uint32_t ctx_id, const struct wk_stage *
     if (ctx_id >= WK_MAX_CTX)
         return -1;
     c = &w->ctx[ctx_id];
+    table_free(c);
     c->has_s1 = s1 != NULL;
     c->has_s2 = s2 != NULL;
     c->defined = c->has_s1 || c->has_s2;
@@ -556,14 +641,20 @@ int64_t wk_translate_range(struct wk_walker *w, uint32_t ctx_id, uint64_t addr, 
 void wk_invalidate_all(struct wk_walker *w)
 {
     uint32_t i;
-    for (i = 0; i < WK_MAX_CTX; i++)
+    for (i = 0; i < WK_MAX_CTX; i++) {
         bump_gen(w, &w->ctx[i]);
+        if (w->ctx[i].tbl)
+            table_flush_all(w->ctx[i].tbl);
+    }
 }
 
 void wk_invalidate_context(struct wk_walker *w, uint32_t ctx_id)
 {
-    if (ctx_id < WK_MAX_CTX)
+    if (ctx_id < WK_MAX_CTX) {
         bump_gen(w, &w->ctx[ctx_id]);
+        if (w->ctx[ctx_id].tbl)
+            table_flush_all(w->ctx[ctx_id].tbl);
+    }
 }
 
 static inline int overlaps(uint64_t base, uint32_t shift, uint64_t start, uint64_t end)
@@ -609,6 +700,9 @@ void wk_invalidate_ipa(struct wk_walker *w, uint32_t s2_id, uint64_t start, uint
         struct ctx *c = &w->ctx[k];
         if (c->has_s1 && c->has_s2 && c->s2_id == s2_id && c->tbl_lo <= end && c->tbl_hi >= start)
             bump_gen(w, c);
+        /* a table context: its CDs and translations all went through this stage 2 */
+        if (c->tbl && c->s2_id == s2_id)
+            table_flush_all(c->tbl);
     }
     for (i = 0; i <= w->mask; i++) {
         struct tlbe *e = &w->tlb[i];
@@ -660,4 +754,588 @@ uint64_t wk_bench_chase(const struct wk_walker *w, uint64_t start, uint64_t load
         }
     }
     return p;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* PASID tables: SMMUv3 context-descriptor tables, nested over a stage 2 (DESIGN section 6)  */
+/*
+ * A table context holds what ATTACH_TABLE gave (S1ContextPtr, S1Fmt, S1CDMax: all IPAs) and the
+ * id of the context whose stage 2 (the domain's P2M) translates every guest-physical access:
+ * the L1 CD descriptor, the CD, each stage-1 table and the output. It caches like hardware:
+ *
+ *  - decoded CDs per PASID (at most CD_MAX; invalid CDs, L1 misses and faults never cached);
+ *  - translations per (ASID, 4 KiB input page), fractured like the main IOTLB but held in an
+ *    open-addressing table (linear probing, backward-shift deletion) so nothing leaves it until
+ *    an invalidation covers it or PT_MAX entries are exceeded (then it is flushed whole).
+ *
+ * Both are only ever dropped by the wk_table_inv_* calls, a P2M change of their stage 2
+ * (wk_invalidate_ipa), wk_invalidate_all/_context or a redefinition.
+ */
+#define PT_SLOTS (1u << 17)
+#define PT_MAX (1u << 16)
+#define CD_SLOTS 2048u
+#define CD_MAX 1024u
+
+struct wk_cdtable {
+    uint64_t ptr;        /* S1ContextPtr (IPA) */
+    uint32_t fmt;        /* 0 linear, 1 two-level 4 KiB leaves, 2 two-level 64 KiB leaves */
+    uint32_t cdmax;      /* log2 of the number of CDs, 0..20 */
+    uint32_t s2_ctx;     /* the context whose stage 2 translates table accesses */
+};
+
+/* One decoded CD. */
+struct cd {
+    struct stg s1;
+    uint32_t asid;
+    uint32_t epd0;
+};
+
+struct cdce {
+    uint32_t key;        /* PASID + 1; meaningful only when gen is current */
+    uint32_t gen;
+    struct cd cd;
+};
+
+struct ptlbe {
+    uint64_t page;       /* input address >> 12 */
+    uint32_t gen;        /* == tstate.tgen: live */
+    uint16_t asid;
+    uint8_t perm;
+    uint8_t inshift;     /* input leaf shift (stage 1) */
+    uint64_t out;        /* output MPA of that 4K page */
+    uint64_t ipa;        /* IPA of that 4K page | stage-2 leaf shift (bits 5:0) */
+};
+
+struct tstate {
+    uint64_t ptr;
+    uint32_t fmt, cdmax, s2_ctx;
+    uint32_t tgen, cgen;
+    uint32_t tcount, ccount;
+    uint32_t max_inshift;
+    struct ptlbe *tlb;   /* PT_SLOTS */
+    struct cdce *cdc;    /* CD_SLOTS */
+};
+
+static inline uint64_t pt_home(uint32_t asid, uint64_t page)
+{
+    return ((page * 0x9E3779B97F4A7C15ull) ^ ((uint64_t)asid * 0xC2B2AE3D27D4EB4Full)) >> 47;   /* 17 bits */
+}
+
+static inline uint64_t cd_home(uint32_t key)
+{
+    return ((uint64_t)key * 0x9E3779B97F4A7C15ull) >> 53;    /* 11 bits */
+}
+
+static void table_flush_tlb(struct tstate *t)
+{
+    t->tcount = 0;
+    t->max_inshift = 12;
+    if (++t->tgen == 0) {
+        memset(t->tlb, 0, sizeof(struct ptlbe) * (size_t)PT_SLOTS);
+        t->tgen = 1;
+    }
+}
+
+static void table_flush_cds(struct tstate *t)
+{
+    t->ccount = 0;
+    if (++t->cgen == 0) {
+        memset(t->cdc, 0, sizeof(struct cdce) * (size_t)CD_SLOTS);
+        t->cgen = 1;
+    }
+}
+
+static void table_flush_all(struct tstate *t)
+{
+    table_flush_tlb(t);
+    table_flush_cds(t);
+}
+
+static void table_free(struct ctx *c)
+{
+    if (c->tbl) {
+        free(c->tbl->tlb);
+        free(c->tbl->cdc);
+        free(c->tbl);
+        c->tbl = NULL;
+    }
+}
+
+/* -- the CD cache ---------------------------------------------------------------------- */
+static struct cd *cdc_find(struct tstate *t, uint32_t pasid)
+{
+    const uint32_t key = pasid + 1u;
+    uint64_t i = cd_home(key);
+    for (;;) {
+        struct cdce *e = &t->cdc[i];
+        if (e->gen != t->cgen)
+            return NULL;
+        if (e->key == key)
+            return &e->cd;
+        i = (i + 1u) & (CD_SLOTS - 1u);
+    }
+}
+
+static struct cd *cdc_insert(struct tstate *t, uint32_t pasid, const struct cd *cd)
+{
+    const uint32_t key = pasid + 1u;
+    uint64_t i;
+    if (t->ccount >= CD_MAX)
+        table_flush_cds(t);      /* beyond the contract's 1024 the device may evict: all of them */
+    i = cd_home(key);
+    for (;;) {
+        struct cdce *e = &t->cdc[i];
+        if (e->gen != t->cgen || e->key == key) {
+            if (e->gen != t->cgen)
+                t->ccount++;
+            e->gen = t->cgen;
+            e->key = key;
+            e->cd = *cd;
+            return &e->cd;
+        }
+        i = (i + 1u) & (CD_SLOTS - 1u);
+    }
+}
+
+static void cdc_delete(struct tstate *t, uint32_t pasid)
+{
+    const uint64_t mask = CD_SLOTS - 1u;
+    const uint32_t key = pasid + 1u;
+    uint64_t i = cd_home(key), j;
+    for (;;) {
+        struct cdce *e = &t->cdc[i];
+        if (e->gen != t->cgen)
+            return;
+        if (e->key == key)
+            break;
+        i = (i + 1u) & mask;
+    }
+    /* backward-shift deletion keeps every probe chain intact */
+    j = i;
+    for (;;) {
+        struct cdce *e;
+        uint64_t h;
+        j = (j + 1u) & mask;
+        e = &t->cdc[j];
+        if (e->gen != t->cgen)
+            break;
+        h = cd_home(e->key);
+        if (j > i ? (h <= i || h > j) : (h <= i && h > j)) {
+            t->cdc[i] = *e;
+            i = j;
+        }
+    }
+    t->cdc[i].gen = 0;
+    t->ccount--;
+}
+
+/* -- the translation cache --------------------------------------------------------------- */
+static inline struct ptlbe *pt_find(struct tstate *t, uint32_t asid, uint64_t page)
+{
+    uint64_t i = pt_home(asid, page);
+    for (;;) {
+        struct ptlbe *e = &t->tlb[i];
+        if (e->gen != t->tgen)
+            return NULL;
+        if (e->page == page && e->asid == asid)
+            return e;
+        i = (i + 1u) & (PT_SLOTS - 1u);
+    }
+}
+
+static void pt_insert(struct tstate *t, const struct ptlbe *ne)
+{
+    uint64_t i;
+    if (t->tcount >= PT_MAX)
+        table_flush_tlb(t);      /* beyond the contract's 65536 the device may evict: all of them */
+    i = pt_home(ne->asid, ne->page);
+    for (;;) {
+        struct ptlbe *e = &t->tlb[i];
+        if (e->gen != t->tgen || (e->page == ne->page && e->asid == ne->asid)) {
+            if (e->gen != t->tgen)
+                t->tcount++;
+            *e = *ne;
+            e->gen = t->tgen;
+            if (ne->inshift > t->max_inshift)
+                t->max_inshift = ne->inshift;
+            return;
+        }
+        i = (i + 1u) & (PT_SLOTS - 1u);
+    }
+}
+
+static void pt_delete_at(struct tstate *t, uint64_t i)
+{
+    const uint64_t mask = PT_SLOTS - 1u;
+    uint64_t j = i;
+    for (;;) {
+        struct ptlbe *e;
+        uint64_t h;
+        j = (j + 1u) & mask;
+        e = &t->tlb[j];
+        if (e->gen != t->tgen)
+            break;
+        h = pt_home(e->asid, e->page);
+        if (j > i ? (h <= i || h > j) : (h <= i && h > j)) {
+            t->tlb[i] = *e;
+            i = j;
+        }
+    }
+    t->tlb[i].gen = 0;
+    t->tcount--;
+}
+
+/*
+ * Drop the translations of `asid` (every ASID when asid < 0) whose input leaf overlaps
+ * [start, end] (inclusive). Few pages and only 4 KiB leaves cached: probe them; otherwise one
+ * pass keeps the survivors and re-inserts them under a new generation.
+ */
+static void pt_invalidate(struct tstate *t, int64_t asid, uint64_t start, uint64_t end)
+{
+    uint64_t i, n = 0;
+    struct ptlbe *keep;
+
+    if (end < start || !t->tcount)
+        return;
+    if (asid >= 0 && t->max_inshift <= 12 && ((end >> 12) - (start >> 12)) < 64) {
+        uint64_t p;
+        for (p = start >> 12; p <= (end >> 12); p++) {
+            struct ptlbe *e = pt_find(t, (uint32_t)asid, p);
+            if (e)
+                pt_delete_at(t, (uint64_t)(e - t->tlb));
+        }
+        return;
+    }
+    keep = malloc(sizeof(struct ptlbe) * (size_t)t->tcount);
+    if (!keep) {
+        table_flush_tlb(t);      /* over-invalidation is always allowed */
+        return;
+    }
+    for (i = 0; i < PT_SLOTS; i++) {
+        const struct ptlbe *e = &t->tlb[i];
+        if (e->gen != t->tgen)
+            continue;
+        if ((asid < 0 || e->asid == (uint32_t)asid) && overlaps(e->page << 12, e->inshift, start, end))
+            continue;
+        keep[n++] = *e;
+    }
+    table_flush_tlb(t);
+    for (i = 0; i < n; i++)
+        pt_insert(t, &keep[i]);
+    free(keep);
+}
+
+/* -- CD fetch and decode ------------------------------------------------------------------- */
+static const uint32_t ips_bits[8] = {32, 36, 40, 42, 44, 48, 52, 52};
+
+/*
+ * The CD's fields -> a stage-1 configuration; 0 when the CD is not valid (C_BAD_CD). Every valid
+ * CD is a consistent VMSAv8-64 stage 1 (T0SZ 16..39 with the start level Arm's tables give), so
+ * the fields are set directly rather than through stage_setup's general checks: this runs once
+ * per cold translation.
+ */
+static int cd_decode(uint64_t d0, uint64_t d1, struct cd *out)
+{
+    const uint32_t t0sz = (uint32_t)(d0 & 63u), tg0 = (uint32_t)(d0 >> 6) & 3u;
+    struct stg *s = &out->s1;
+    uint32_t g, ia, sl, oa, root_bits;
+
+    if (!((d0 >> 31) & 1u) || t0sz < 16 || t0sz > 39 || tg0 == 3 || ((d0 >> 15) & 1u) || !((d0 >> 41) & 1u))
+        return 0;
+    ia = 64u - t0sz;
+    /* start level = 4 - (ia - 4) / (g - 3), divisions by constants */
+    if (tg0 == 0)
+        g = 12, sl = 4u - (ia - 4u) / 9u;
+    else if (tg0 == 1)
+        g = 16, sl = 4u - (ia - 4u) / 13u;
+    else
+        g = 14, sl = 4u - (ia - 4u) / 11u;
+    oa = ips_bits[(d0 >> 32) & 7u];
+    if (oa > 40u)
+        oa = 40u;
+    root_bits = ia - lvl_shift(g, sl);
+    s->ia_bits = ia;
+    s->oa_bits = oa;
+    s->g = g;
+    s->sl = sl;
+    s->flags = (((d0 >> 35) & 1u) ? 0u : WK_F_CHECK_AF) | (((d1 >> 1) & 1u) ? 0u : WK_F_APTABLE);
+    s->stride = g - 3u;
+    s->bad = 0;
+    s->ns_check = 0;
+    s->aptable = !((d1 >> 1) & 1u);
+    s->next_mask = ADDR_47 & ~((1ull << g) - 1ull);
+    s->next_bad = s->next_mask & ~((1ull << oa) - 1ull);
+    s->idx_mask = (1ull << s->stride) - 1ull;
+    d1 &= 0x000FFFFFFFFFFFF0ull;                          /* TTB0: address bits [51:4] */
+    s->ttbr_bad = (d1 >> oa) != 0;
+    s->root = d1 & ~((8ull << root_bits) - 1ull);
+    out->asid = (uint32_t)(d0 >> 48);
+    out->epd0 = (uint32_t)(d0 >> 14) & 1u;
+    return 1;
+}
+
+/*
+ * Read and decode the CD of `pasid`, every access through stage 2. Returns 0 or a fault word
+ * (with FW_FETCH saying which fetch); *faddr gets the IPA of the failing L1 descriptor or CD
+ * (the PASID itself when it is out of range).
+ */
+static uint32_t cd_fetch(const struct wk_walker *w, const struct tstate *t, const struct stg *s2, uint32_t pasid,
+                         struct cd *out, uint64_t *faddr, struct s2memo *memo)
+{
+    uint64_t cd_ipa, m;
+    uint32_t f;
+
+    if (t->cdmax < 32u && (pasid >> t->cdmax)) {
+        *faddr = pasid;
+        return FW(K_BAD_SUBSTREAM, 1, 0);
+    }
+    if (t->fmt == 0) {
+        cd_ipa = t->ptr + 64ull * pasid;
+    } else {
+        const uint32_t split = t->fmt == 1 ? 6u : 10u;
+        const uint64_t l1_ipa = t->ptr + 8ull * (pasid >> split);
+        uint64_t l1, l2, a;
+        f = s2_table_read(w, s2, l1_ipa, memo, &a);
+        *faddr = l1_ipa;
+        if (f)
+            return f | FW_FETCH(FETCH_L1);
+        if (a > w->last)
+            return FW(K_WALK_ABORT, 1, 0) | FW_FETCH(FETCH_L1);
+        l1 = load64(w, a);
+        if (!(l1 & 1u))
+            return FW(K_BAD_SUBSTREAM, 1, 0) | FW_FETCH(FETCH_L1);
+        l2 = l1 & 0x000FFFFFFFFFF000ull;                      /* L2Ptr: bits [51:12] */
+        if (t->fmt == 2)
+            l2 &= ~0xFFFFull;                                 /* 64 KiB leaves: L2Ptr[15:12] RES0 */
+        cd_ipa = l2 + 64ull * (pasid & ((1u << split) - 1u));
+    }
+    *faddr = cd_ipa;
+    f = s2_table_read(w, s2, cd_ipa, memo, &m);
+    if (f)
+        return f | FW_FETCH(FETCH_CD);
+    if (m > w->size - 16u)
+        return FW(K_WALK_ABORT, 1, 0) | FW_FETCH(FETCH_CD);
+    if (!cd_decode(load64(w, m), load64(w, m + 8u), out))
+        return FW(K_BAD_CD, 1, 0) | FW_FETCH(FETCH_CD);
+    return 0;
+}
+
+/* Stage 1 (nested) then stage 2 for one address under a decoded CD; fills *e on success. */
+static uint32_t cd_translate(const struct wk_walker *w, const struct cd *cd, const struct stg *s2, uint64_t addr,
+                             uint32_t acc, uint64_t *out, struct ptlbe *e, struct s2memo *memo)
+{
+    struct wres r1, r2 = {0, 0, 0, 0, 0, 0};
+    uint32_t f;
+
+    if (cd->epd0) {
+        *out = addr;
+        return FW(K_TRANSLATION, 1, 0);
+    }
+    f = walk_nested(w, &cd->s1, s2, addr, acc, &r1, memo);
+    if (f) {
+        *out = r1.faddr;
+        return f;
+    }
+    f = walk_flat(w, s2, 2, r1.out, acc, &r2);
+    if (f) {
+        *out = r1.out;
+        return f;
+    }
+    *out = r2.out;
+    e->page = addr >> 12;
+    e->asid = (uint16_t)cd->asid;
+    e->perm = (uint8_t)(r1.perm & r2.perm);
+    e->inshift = (uint8_t)r1.shift;
+    e->out = PAGE_BITS(r2.out);
+    e->ipa = PAGE_BITS(r1.out) | r2.shift;
+    return 0;
+}
+
+/* The decoded CD of `pasid`: from the cache (TLB on) or fetched now. NULL with *fault set. */
+static const struct cd *cd_get(struct wk_walker *w, struct tstate *t, const struct stg *s2, uint32_t pasid,
+                               int cache, struct cd *tmp, uint32_t *fault, uint64_t *faddr, struct s2memo *memo)
+{
+    const struct cd *cd = cache ? cdc_find(t, pasid) : NULL;
+    if (cd)
+        return cd;
+    *fault = cd_fetch(w, t, s2, pasid, tmp, faddr, memo);
+    if (*fault)
+        return NULL;
+    return cache ? cdc_insert(t, pasid, tmp) : tmp;
+}
+
+int wk_set_table(struct wk_walker *w, uint32_t ctx_id, const struct wk_cdtable *cfg)
+{
+    struct ctx *c;
+    struct tstate *t;
+
+    if (ctx_id >= WK_MAX_CTX || cfg->s2_ctx >= WK_MAX_CTX || cfg->s2_ctx == ctx_id || cfg->fmt > 2 ||
+        cfg->cdmax > 20)
+        return -1;
+    if (!w->ctx[cfg->s2_ctx].has_s2 || w->ctx[cfg->s2_ctx].has_s1 || w->ctx[cfg->s2_ctx].tbl)
+        return -1;
+    c = &w->ctx[ctx_id];
+    t = c->tbl;
+    if (!t) {
+        t = calloc(1, sizeof(*t));
+        if (!t)
+            return -2;
+        t->tlb = calloc(PT_SLOTS, sizeof(struct ptlbe));
+        t->cdc = calloc(CD_SLOTS, sizeof(struct cdce));
+        if (!t->tlb || !t->cdc) {
+            free(t->tlb);
+            free(t->cdc);
+            free(t);
+            return -2;
+        }
+        c->tbl = t;
+    }
+    t->ptr = cfg->ptr;
+    t->fmt = cfg->fmt;
+    t->cdmax = cfg->cdmax;
+    t->s2_ctx = cfg->s2_ctx;
+    table_flush_tlb(t);
+    table_flush_cds(t);
+    c->has_s1 = 0;
+    c->has_s2 = 0;
+    c->defined = 0;              /* wk_translate on it faults: only the wk_table_* calls translate */
+    c->s2_id = w->ctx[cfg->s2_ctx].s2_id;
+    bump_gen(w, c);
+    return 0;
+}
+
+/*
+ * A batch of addresses through PASID `pasid` of a table context (the bench's path). TLB off:
+ * every translation fetches the CD and walks both stages (a cold translation).
+ */
+void wk_table_translate(struct wk_walker *w, uint32_t ctx_id, uint32_t pasid, const uint64_t *addrs,
+                        const uint8_t *accs, uint32_t acc_all, uint64_t n, uint64_t *out, uint32_t *fault)
+{
+    struct tstate *t = ctx_id < WK_MAX_CTX ? w->ctx[ctx_id].tbl : NULL;
+    const struct stg *s2;
+    const struct cd *cd = NULL;
+    struct cd tmp;
+    struct ptlbe ne;
+    uint32_t cdf = 0;
+    uint64_t cdaddr = 0, i, hits = 0;
+    const int cache = w->tlb_on;
+
+    if (!t) {
+        for (i = 0; i < n; i++) {
+            out[i] = addrs[i];
+            fault[i] = FW(K_TRANSLATION, 1, 0);
+        }
+        return;
+    }
+    s2 = &w->ctx[t->s2_ctx].s2;
+    if (cache) {
+        struct s2memo memo = S2MEMO_EMPTY;
+        cd = cd_get(w, t, s2, pasid, 1, &tmp, &cdf, &cdaddr, &memo);
+    }
+    for (i = 0; i < n; i++) {
+        const uint64_t a = addrs[i];
+        const uint32_t acc = (accs ? accs[i] : acc_all) & 3u;
+        struct s2memo memo = S2MEMO_EMPTY;      /* one translation's stage-2 leaf, never kept longer */
+        if (!cache) {
+            cd = cd_get(w, t, s2, pasid, 0, &tmp, &cdf, &cdaddr, &memo);
+        } else if (cd) {
+            const struct ptlbe *e = pt_find(t, cd->asid, a >> 12);
+            if (e && (e->perm & acc) == acc) {
+                out[i] = e->out | (a & 0xFFFull);
+                fault[i] = 0;
+                hits++;
+                continue;
+            }
+        }
+        if (!cd) {
+            out[i] = cdaddr;
+            fault[i] = cdf;
+            continue;
+        }
+        fault[i] = cd_translate(w, cd, s2, a, acc, &out[i], &ne, &memo);
+        if (!fault[i] && cache)
+            pt_insert(t, &ne);
+    }
+    w->hits += hits;
+    w->misses += cache ? n - hits : 0;
+    w->walks += n - hits;
+}
+
+/*
+ * A DMA transfer through PASID `pasid`: like wk_translate_range (4 KiB pages, coalesced runs,
+ * -1 at the first failing page, -2 when the runs do not fit), plus *fiova = the first byte of
+ * the failing page the transfer touches.
+ */
+int64_t wk_table_translate_range(struct wk_walker *w, uint32_t ctx_id, uint32_t pasid, uint64_t addr, uint64_t len,
+                                 uint32_t acc, uint64_t *runs, uint64_t max_runs, uint32_t *fault, uint64_t *faddr,
+                                 uint64_t *fiova)
+{
+    const uint64_t last = len > ~0ull - addr ? ~0ull : addr + len - 1u;
+    uint64_t cur = addr, nr = 0;
+
+    if (!len)
+        return 0;
+    for (;;) {
+        uint64_t o, page_last = (cur | 0xFFFull) < last ? (cur | 0xFFFull) : last;
+        uint32_t f;
+        wk_table_translate(w, ctx_id, pasid, &cur, NULL, acc, 1, &o, &f);
+        if (f) {
+            *fault = f;
+            *faddr = o;
+            *fiova = cur;
+            return -1;
+        }
+        if (nr && runs[2 * nr - 2] + runs[2 * nr - 1] == o) {
+            runs[2 * nr - 1] += page_last - cur + 1u;
+        } else {
+            if (nr == max_runs)
+                return -2;
+            runs[2 * nr] = o;
+            runs[2 * nr + 1] = page_last - cur + 1u;
+            nr++;
+        }
+        if (page_last == last)
+            return (int64_t)nr;
+        cur = page_last + 1u;
+    }
+}
+
+/* INVALIDATE, type PASID: the cached CD of `pasid`, or every cached CD when pasid < 0. */
+void wk_table_inv_cd(struct wk_walker *w, uint32_t ctx_id, int64_t pasid)
+{
+    struct tstate *t = ctx_id < WK_MAX_CTX ? w->ctx[ctx_id].tbl : NULL;
+    if (!t)
+        return;
+    if (pasid < 0)
+        table_flush_cds(t);
+    else
+        cdc_delete(t, (uint32_t)pasid);
+}
+
+/* INVALIDATE, type IOTLB: translations of `asid` (all when < 0) whose leaf overlaps [start, end]. */
+void wk_table_inv_tlb(struct wk_walker *w, uint32_t ctx_id, int64_t asid, uint64_t start, uint64_t end)
+{
+    struct tstate *t = ctx_id < WK_MAX_CTX ? w->ctx[ctx_id].tbl : NULL;
+    if (!t)
+        return;
+    if (asid < 0 && start == 0 && end == ~0ull)
+        table_flush_tlb(t);
+    else
+        pt_invalidate(t, asid, start, end);
+}
+
+/* The ASID of the cached CD of `pasid`, or -1 when none is cached. */
+int64_t wk_table_cached_asid(struct wk_walker *w, uint32_t ctx_id, uint32_t pasid)
+{
+    struct tstate *t = ctx_id < WK_MAX_CTX ? w->ctx[ctx_id].tbl : NULL;
+    const struct cd *cd = t ? cdc_find(t, pasid) : NULL;
+    return cd ? (int64_t)cd->asid : -1;
+}
+
+/* Cached CDs and translations of a table context (tests: the caps and what INVALIDATE drops). */
+void wk_table_counts(const struct wk_walker *w, uint32_t ctx_id, uint64_t *out2)
+{
+    const struct tstate *t = ctx_id < WK_MAX_CTX ? w->ctx[ctx_id].tbl : NULL;
+    out2[0] = t ? t->ccount : 0;
+    out2[1] = t ? t->tcount : 0;
 }
