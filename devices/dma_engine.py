@@ -105,7 +105,7 @@ class DmaEngine:
             except DmaFault as fault:
                 status, fault_addr = fault.status, fault.address
             else:
-                self.port.scatter(dst_runs, self.port.gather(src_runs))
+                self.port.copy(src_runs, dst_runs)
                 self.copies += 1
         self.regs["STATUS"] = status
         self.regs["FAULT_ADDR"] = fault_addr

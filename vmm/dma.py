@@ -283,6 +283,35 @@ class DeviceMemory:
             view[mpa:mpa + n] = data[off:off + n]
             off += n
 
+    def copy(self, src: Runs, dst: Runs) -> None:
+        """Move a transfer's bytes from the machine runs ``src`` to the machine runs ``dst`` (equal
+        totals), as if read whole and then written: machine to machine, with no intermediate copy,
+        unless the two sets of runs may overlap or someone observes the reads."""
+        view = self.view
+        if len(src) == 1 and len(dst) == 1:
+            (s, n), (d, _) = src[0], dst[0]
+            if not self.observers and (s + n <= d or d + n <= s):
+                view[d:d + n] = view[s:s + n]
+                return
+        elif not self.observers:
+            s_lo, s_hi = min(m for m, _ in src), max(m + n for m, n in src)
+            d_lo, d_hi = min(m for m, _ in dst), max(m + n for m, n in dst)
+            if s_hi <= d_lo or d_hi <= s_lo:
+                si, soff, sv = 0, 0, src[0]
+                for d, n in dst:
+                    while n:
+                        s, sn = sv
+                        take = min(n, sn - soff)
+                        view[d:d + take] = view[s + soff:s + soff + take]
+                        d += take
+                        n -= take
+                        soff += take
+                        if soff == sn and si + 1 < len(src):
+                            si, soff = si + 1, 0
+                            sv = src[si]
+                return
+        self.scatter(dst, self.gather(src))
+
     def read(self, iova: int, length: int) -> bytes:
         return self.gather(self.runs(iova, length, False))
 
