@@ -195,7 +195,8 @@ FAULT, _ = compile_layout(FAULT_LAYOUT)
 assert (ATTACH_REQ.size, DETACH_REQ.size, MAP_REQ.size, UNMAP_REQ.size, PROBE_REQ.size) == (20, 20, 36, 28, 72)
 assert (TAIL.size, RESV_MEM.size, FAULT.size) == (4, 24, 24)
 assert (ATTACH_TABLE_REQ.size, INVALIDATE_REQ.size, PROP_U8.size, PROP_U16.size, FAULT_PASID.size) == (76, 60, 8, 8, 24)
-_TAILS = [TAIL.pack(s) for s in range(256)]      # tail.reserved always zero
+_TAILS = [TAIL.pack(s) for s in range(256)]
+TAIL_SIZE = TAIL.size      # tail.reserved always zero
 
 PROBE_T_RESV_MEM = 1
 PROBE_T_OUTPUT_SIZE, PROBE_T_PASID_SIZE, PROBE_T_PAGE_TABLE_FMT, PROBE_T_PASID_TABLE_FMT = 4, 5, 6, 7
@@ -458,34 +459,36 @@ class VirtioIommu:
         for PROBE that means fewer than probe_size + 4 writable bytes --, buffers outside RAM):
         the buffer is then left unwritten. A tail that can be located always gets a status."""
         self.requests += 1
-        mem = self.mem
-        if chain.rlen < 4:
+        rlen, wlen = chain.rlen, chain.wlen
+        if rlen < 4 or wlen < TAIL_SIZE:
             return 0
+        mem = self.mem
         try:
-            req = mem.gather_segments(chain.readable, min(chain.rlen, self._max_request))
+            req = mem.gather_segments(chain.readable, min(rlen, self._max_request))
         except DmaFault:
             return 0
         rtype = self._dispatch.get(req[0])
-        if rtype is None or chain.wlen < TAIL.size:
+        if rtype is None:
             return 0
         # The tail sits after the reply's properties (PROBE: probe_size bytes): a writable part
         # too small for both cannot hold it, so the request goes back unanswered (used length 0).
-        out = rtype.reply_size(self) + TAIL.size
-        if chain.wlen < out:
+        out = TAIL_SIZE if rtype.reply_size is None else rtype.reply_size(self) + TAIL_SIZE
+        if wlen < out:
             return 0
         try:
             runs = mem.map_segments(chain.writable, out)
         except DmaFault:
             return 0
-        if len(req) < rtype.layout.size:
+        layout = rtype.layout
+        if len(req) < layout.size:
             status, extra = S_INVAL, b""              # body too short to hold the request
         else:
-            status, extra = rtype.handler(self, rtype.layout.unpack_from(req))
-        if out == TAIL.size and len(runs) == 1:
+            status, extra = rtype.handler(self, layout.unpack_from(req))
+        if out == TAIL_SIZE and len(runs) == 1:
             mpa = runs[0][0]
-            mem.view[mpa:mpa + 4] = _TAILS[status]
+            mem.view[mpa:mpa + TAIL_SIZE] = _TAILS[status]
         else:
-            mem.scatter(runs, extra.ljust(out - TAIL.size, b"\0") + _TAILS[status])
+            mem.scatter(runs, extra.ljust(out - TAIL_SIZE, b"\0") + _TAILS[status])
         return out
 
     # -- handlers (one per request type; QEMU style) -------------------------------------------
@@ -888,7 +891,11 @@ class RequestType:
 
     layout: struct.Struct
     handler: Handler
-    reply_size: Callable[[VirtioIommu], int] = lambda dev: 0
+    reply_size: Callable[[VirtioIommu], int] | None = None     # None: no reply bytes before the tail
+
+    @property
+    def size(self) -> int:
+        return self.layout.size
 
 
 DISPATCH: dict[int, RequestType] = {
