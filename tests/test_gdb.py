@@ -99,6 +99,25 @@ def test_gdb_breaks_reads_steps_and_continues_to_exit(backend):
 
 @needs_gdb
 @pytest.mark.parametrize("backend", DEBUG_BACKENDS)
+def test_gdb_steps_across_the_switch_to_long_mode(backend):
+    """From the 32-bit entry into 64-bit code, one instruction at a time: `mov %eax,%cr0` (3 bytes)
+    turns paging and long mode on, the `ljmp` (7 bytes) lands on _start64 in a 64-bit CS."""
+    vmm = Vmm(backend, "hello", "--gdb-wait")
+    out = gdb(vmm.port, "hello", [
+        "break *(_start64 - 10)", "continue",
+        "print/x $cr0", "print/x $efer",
+        "stepi", "print/x $cr0", "print/x $efer", "print $pc == _start64 - 7",
+        "stepi", "print $pc == _start64", "stepi", "print/x $eax",
+        "continue"])
+    rc, stdout, err = vmm.finish()
+    assert "$1 = 0x11" in out and "$2 = 0x100" in out, out                # LME set, paging off
+    assert "$3 = 0x80000011" in out and "$4 = 0x500" in out and "$5 = 1" in out, out   # LMA now
+    assert "$6 = 1" in out and "$7 = 0x10" in out, out                  # _start64's first mov ran
+    assert rc == 0 and "Hello from iommu-lab" in stdout, err
+
+
+@needs_gdb
+@pytest.mark.parametrize("backend", DEBUG_BACKENDS)
 def test_gdb_register_write_changes_the_exit_status(backend):
     vmm = Vmm(backend, "exitcode", "--gdb-wait")
     out = gdb(vmm.port, "exitcode", ["break exit", "continue", "print $rdi", "set var $rdi = 7", "continue"])
