@@ -130,6 +130,7 @@ def test_gdb_register_write_changes_the_exit_status(backend):
 class Client:
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)     # as gdb does
         self.buf = b""
 
     def send(self, payload: bytes) -> None:
@@ -216,6 +217,60 @@ def test_detach_lets_the_guest_finish_and_kill_ends_the_run(backend):
     c.send(b"k")
     rc, _, err = vmm.finish()
     assert rc == 130 and "killed from the debugger" in err, err
+
+
+def symbol(image: str, name: str) -> int:
+    from elftools.elf.elffile import ELFFile
+    with open(ELF / f"{image}.elf", "rb") as f:
+        return ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name(name)[0]["st_value"]
+
+
+@pytest.mark.parametrize("backend", DEBUG_BACKENDS)
+def test_hardware_and_aliased_software_breakpoints(backend):
+    """A software breakpoint stops at main without leaving its int3 for GDB to see, a hardware one
+    at puts; four hardware breakpoints at most, no watchpoints."""
+    puts, main = symbol("hello", "puts"), symbol("hello", "main")
+    vmm = Vmm(backend, "hello", "--gdb-wait")
+    c = Client(vmm.port)
+    before = c.ask(b"m%x,10" % main)
+    assert c.ask(b"Z1,%x,1" % puts) == b"OK"
+    assert c.ask(b"Z0,%x,1" % main) == b"OK"
+    assert c.ask(b"c") == b"T05thread:01;swbreak:;"
+    assert c.regs()["rip"] == main
+    assert c.ask(b"m%x,10" % main) == before             # no int3 left behind while stopped
+    assert c.ask(b"c") == b"T05thread:01;hwbreak:;"
+    assert c.regs()["rip"] == puts
+    assert c.ask(b"z1,%x,1" % puts) == b"OK" and c.ask(b"z0,%x,1" % main) == b"OK"
+    assert all(c.ask(b"Z1,%x,1" % (puts + i)) == b"OK" for i in range(4))
+    assert c.ask(b"Z1,%x,1" % (puts + 4)) == b"E01"      # four debug address registers
+    assert c.ask(b"Z2,%x,4" % puts) == b""               # watchpoints: not supported
+    assert c.ask(b"D") == b"OK"
+    rc, stdout, err = vmm.finish()
+    assert rc == 0 and "Hello from iommu-lab" in stdout, err
+
+
+def test_random_packets_never_end_the_run():
+    """Garbage in every packet that does not resume or end the guest: each gets a reply, and
+    the stub still answers afterwards."""
+    import random
+    rng = random.Random(14)
+    alphabet = b"0123456789abcdefxXgGpPmMzZqQH?T,:;=#$}*-\x03"
+    vmm = Vmm("emulated", "hello", "--gdb-wait")
+    c = Client(vmm.port)
+    for _ in range(400):
+        body = bytes(rng.choice(alphabet) for _ in range(rng.randrange(1, 40)))
+        body = body.replace(b"$", b"").replace(b"#", b"").replace(b"\x03", b"")
+        if not body or body[:1] in b"cCsSkDv" or body.startswith(b"QStartNoAck"):
+            continue
+        escaped = body.replace(b"}", b"}]").replace(b"*", b"}\n")
+        c.send(escaped)
+        c.reply()
+    c.sock.sendall(b"$m" + b"0" * (3 * 0x4000) + b"#00")  # far past PacketSize: dropped with a NAK
+    c.fill_until(b"-")
+    assert c.ask(b"?").startswith(b"T")
+    c.send(b"k")
+    rc, _, err = vmm.finish()
+    assert rc == 130 and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("backend", DEBUG_BACKENDS)

@@ -267,6 +267,7 @@ class Connection:
         self._send_lock = threading.Lock()
         self._last = b""
         self._on_interrupt = on_interrupt
+        self._skipping = False              # inside a packet too long to take
         threading.Thread(target=self._reader, name="gdb-reader", daemon=True).start()
 
     def send(self, payload: str | bytes) -> None:
@@ -301,20 +302,31 @@ class Connection:
         self._on_interrupt()          # a running guest returns to the stub, which detaches
 
     def _consume(self, buf: bytes) -> bytes:
-        """Take every whole packet and control byte off ``buf``; returns what is left."""
-        while buf:
-            c = buf[0]
+        """Take every whole packet and control byte off ``buf``; returns what is left (at most one
+        packet's worth: a longer one is refused with a NAK and skipped up to its ``#``)."""
+        pos = 0
+        while pos < len(buf):
+            if self._skipping:
+                end = buf.find(b"#", pos)
+                if end < 0:
+                    return b""
+                self._skipping, pos = False, end + 1     # its checksum digits go as line noise
+                continue
+            c = buf[pos]
             if c == 0x03:
                 self._on_interrupt()
-                buf = buf[1:]
+                pos += 1
             elif c == ord("$"):
-                end = buf.find(b"#")
-                if end < 0 or len(buf) < end + 3:
-                    if len(buf) > 2 * PACKET_MAX + 4:       # no end in sight: drop it, ask again
+                end = buf.find(b"#", pos, pos + PACKET_MAX + 2)
+                if end < 0:
+                    if len(buf) - pos > PACKET_MAX + 1:  # no end in sight: refuse it
                         self._raw(b"-")
-                        return b""
-                    return buf
-                data, cs, buf = buf[1:end], buf[end + 1:end + 3], buf[end + 3:]
+                        self._skipping, pos = True, pos + 1
+                        continue
+                    return buf[pos:]
+                if len(buf) < end + 3:
+                    return buf[pos:]
+                data, cs, pos = buf[pos + 1:end], buf[end + 1:end + 3], end + 3
                 try:
                     good = int(cs, 16) == checksum(data)
                 except ValueError:
@@ -327,10 +339,10 @@ class Connection:
                 with self._send_lock:
                     last = self._last
                 self._raw(last)
-                buf = buf[1:]
+                pos += 1
             else:                   # '+' and line noise
-                buf = buf[1:]
-        return buf
+                pos += 1
+        return b""
 
     def _raw(self, data: bytes) -> None:
         with self._send_lock:

@@ -151,7 +151,7 @@ class KvmDebug:
             if timer is not None:
                 timer.cancel()
                 timer.join()
-            for paddr, byte in planted.values():
+            for paddr, byte in reversed(planted.values()):    # two aliases of one byte: the first saved wins
                 mem.write_guest(paddr, byte)
         return self._debug_outcome(result, planted, timeout)
 
