@@ -9,6 +9,8 @@ without a debugger.
 kvm_pvm (software virtualisation) steps and takes hardware breakpoints, but does not intercept
 int3: it stops with an emulation failure (KVM_EXIT_INTERNAL_ERROR) with RIP on the int3. Such
 a failure at an address where we planted one is that breakpoint; anywhere else it is the error.
+A software breakpoint whose address is not mapped to guest RAM when the vCPU resumes is not
+planted (it cannot fire before the guest maps it); hardware breakpoints need no mapping.
 """
 from __future__ import annotations
 
