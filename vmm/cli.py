@@ -27,7 +27,7 @@ RUN_STATUSES = """exit status:
   124    the guest was stopped by --timeout
   125    the guest halted without writing the debug-exit port
   126    the guest crashed (triple fault, VM entry failure, emulator error)
-  130    interrupted (Ctrl-C)
+  130    interrupted (Ctrl-C), or killed from an attached debugger (--gdb)
 """
 
 REPLAY_STATUSES = """exit status (the worst over all traces given):
@@ -93,6 +93,17 @@ def cmd_run(args) -> int:
             print(f"vmm: {why}", file=sys.stderr)
             return EXIT_USAGE
     image = find_image(args.image)       # an unknown payload name fails here, listing the known ones
+    gdb = None
+    if args.gdb is not None:             # listening before the machine is built: a busy port is a usage error
+        from vmm.gdbstub import GdbError, GdbServer
+        try:
+            gdb = GdbServer(args.gdb, wait=args.gdb_wait)
+        except GdbError as e:
+            print(f"vmm: {e}", file=sys.stderr)
+            return EXIT_USAGE
+    elif args.gdb_wait:
+        print("vmm: --gdb-wait needs --gdb [HOST:]PORT", file=sys.stderr)
+        return EXIT_USAGE
     m = _machine(args)
     if args.explain_faults:
         m.fault_listeners.append(lambda e: print(e.text(), file=sys.stderr, flush=True))
@@ -112,7 +123,7 @@ def cmd_run(args) -> int:
         recorder = Recorder(m, args.record, note=f"recorded from: vmm run {image} "
                             f"--backend {args.backend} --p2m {m.board.p2m}{' --secure' if m.board.secure else ''}")
     try:
-        result = m.run(image, backend=args.backend, timeout=args.timeout)
+        result = m.run(image, backend=args.backend, timeout=args.timeout, gdb=gdb)
         if recorder is not None:
             recorder.close()
     except OSError as e:                 # the trace's disk filled up (or went away) during the run
@@ -197,6 +208,10 @@ def parser() -> argparse.ArgumentParser:
                    help="print every DMA fault to stderr with the walk that failed, level by level")
     r.add_argument("--timeline", metavar="FILE",
                    help="write a Chrome Trace Event timeline (Perfetto, chrome://tracing) of the run")
+    r.add_argument("--gdb", metavar="[HOST:]PORT", help="serve the GDB remote protocol on HOST (default "
+                   "127.0.0.1) PORT (0: any free one, logged): `target remote HOST:PORT`")
+    r.add_argument("--gdb-wait", action="store_true",
+                   help="with --gdb: hold the guest at its entry point until a debugger attaches")
     r.set_defaults(func=cmd_run)
 
     t = sub.add_parser("replay", help="replay qtest-language MMIO traces with no CPU", epilog=REPLAY_STATUSES,

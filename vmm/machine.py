@@ -414,15 +414,18 @@ class Machine:
         return self.mmio_read(base + off("STATUS"), 4), self.mmio_read(base + off("FAULT_ADDR"), 8)
 
     # -- jobs -------------------------------------------------------------------------------
-    def run(self, image: str | None = None, backend: str = "auto", timeout: float = 10.0):
-        """Boot a payload. A machine runs once: its RAM, devices and P2M carry the first run's
-        state, so a second run would not start from a reset machine; build a new one."""
+    def run(self, image: str | None = None, backend: str = "auto", timeout: float = 10.0, gdb=None):
+        """Boot a payload (under a ``vmm.gdbstub.GdbServer`` when ``gdb`` is given). A machine runs
+        once: its RAM, devices and P2M carry the first run's state, so a second run would not start
+        from a reset machine; build a new one."""
         if self._closed:
             raise MachineError("this machine is closed")
         if self._ran:
             raise MachineError("this machine already ran a payload; build a new Machine for the next run")
         self._ran = True
         from vmm.runner import run_image
+        if gdb is not None:
+            return run_image(self, image, backend=backend, timeout=timeout, gdb=gdb)
         return run_image(self, image, backend=backend, timeout=timeout)
 
     def replay(self, trace: str):

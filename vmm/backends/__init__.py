@@ -70,3 +70,45 @@ def load_compiled(stem: str):
             return importlib.import_module(name)
     except Exception as e:      # noqa: BLE001 - no compiler, read-only tree, ...: say so
         raise ImportError(f"{name} is not built and cannot be built here ({e}); run `make setup`") from None
+
+
+@dataclass
+class DebugStop:
+    """Why a guest under a debugger stopped short of ending (vmm/gdbstub.py): ``step`` (one
+    instruction ran), ``breakpoint`` (about to run the one at ``address``) or ``interrupt``."""
+    kind: str
+    address: int = 0
+
+
+# What a debugger may change (``debug_set_regs``); the rest of the register set it reads only.
+DEBUG_GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
+              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+DEBUG_WRITABLE = frozenset(DEBUG_GPRS + ("rip", "eflags"))
+HW_BREAKPOINTS = 4          # x86 has four debug address registers
+
+
+@runtime_checkable
+class DebugCpu(Protocol):
+    """What the GDB stub needs of a CPU on top of CpuBackend; both backends provide it.
+
+    ``debug_begin`` puts the vCPU at the PVH entry without running it; ``debug_resume`` runs it
+    (one instruction when ``step``) with software breakpoints at the given guest-virtual addresses
+    (mapped to their guest-physical addresses, None when unmapped, for a backend that plants int3)
+    and hardware ones at ``hw`` (at most HW_BREAKPOINTS), and returns the RunResult when the guest
+    ended or a DebugStop (the stub steps off a breakpoint at the resume address itself).
+    ``debug_interrupt`` may be called from any thread and stops the current or next ``debug_resume``.
+    Registers are named as in GDB's amd64 description.
+    """
+
+    def debug_begin(self, entry: int, start_info: int) -> None: ...
+
+    def debug_resume(self, step: bool, breakpoints: dict[int, int | None], hw: frozenset[int],
+                     timeout: float) -> RunResult | DebugStop: ...
+
+    def debug_interrupt(self) -> None: ...
+
+    def debug_get_regs(self) -> dict[str, int]: ...
+
+    def debug_set_regs(self, values: dict[str, int]) -> None: ...
+
+    def debug_memory_written(self) -> None: ...

@@ -1,5 +1,9 @@
 """The emulated backend: unicorn x86-64, started in 32-bit mode at the PVH entry.
 
+The unicorn instance is made in UC_MODE_64 and reset to 32-bit protected mode (EFER.LMA clear, a
+32-bit CS): a UC_MODE_32 instance keeps running once the guest switches to long mode, but its
+register API answers only the 32-bit registers, and a debugger (vmm/gdbstub.py) needs all 64 bits.
+
 Unicorn splits an 8-byte MMIO access into two 4-byte callbacks while KVM delivers one 8-byte
 exit, but its memory hook sees every access whole, before it happens. So the pages of bus
 devices are backed by host memory of our own: the memory hook performs the access on the bus
@@ -25,7 +29,7 @@ from unicorn import (
     UC_HOOK_INTR,
     UC_HOOK_MEM_READ,
     UC_HOOK_MEM_WRITE,
-    UC_MODE_32,
+    UC_MODE_64,
     UC_PROT_ALL,
     UC_PROT_READ,
     UC_PROT_WRITE,
@@ -43,18 +47,19 @@ from unicorn.x86_const import (
     UC_X86_REG_DS,
     UC_X86_REG_EBX,
     UC_X86_REG_EFLAGS,
-    UC_X86_REG_EIP,
     UC_X86_REG_ES,
-    UC_X86_REG_ESP,
     UC_X86_REG_FS,
     UC_X86_REG_GDTR,
     UC_X86_REG_GS,
     UC_X86_REG_IDTR,
     UC_X86_REG_MSR,
+    UC_X86_REG_RIP,
+    UC_X86_REG_RSP,
     UC_X86_REG_SS,
 )
 
-from vmm.backends import EXIT_CRASHED, EXIT_HALTED, EXIT_TIMEOUT, RunResult, load_compiled
+from vmm.backends import EXIT_CRASHED, EXIT_HALTED, EXIT_TIMEOUT, DebugStop, RunResult, load_compiled
+from vmm.backends.emu_debug import EmulatedDebug
 from vmm.memory import PAGE
 
 _ex = load_compiled("_emu")
@@ -119,12 +124,21 @@ def _gaps(taken: list[tuple[int, int]], limit: int = PHYS_LIMIT) -> list[tuple[i
     return gaps
 
 
-class EmulatedBackend:
+MSR_EFER = 0xC0000080
+
+
+class EmulatedBackend(EmulatedDebug):
     name = "emulated"
 
     def __init__(self, machine, track_dirty: bool = False) -> None:
         self.machine = machine
-        uc = self.uc = Uc(UC_ARCH_X86, UC_MODE_32)
+        uc = self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        # Out of the long mode a UC_MODE_64 instance starts in: EFER.LME off, then a paging toggle,
+        # which is what clears EFER.LMA (wrmsr cannot); _enter_pvh then loads a 32-bit CS.
+        uc.reg_write(UC_X86_REG_MSR, (MSR_EFER, 0))
+        uc.reg_write(UC_X86_REG_CR0, 0x80000011)
+        uc.reg_write(UC_X86_REG_CR0, 0x11)
+        uc.reg_write(UC_X86_REG_CR4, 0)
         ram = [(r.gpa, r.size) for r in machine.dom0.ram.ranges]
         for r in machine.dom0.ram.ranges:
             uc.mem_map_ptr(r.gpa, r.size, UC_PROT_ALL, r.host)
@@ -169,6 +183,7 @@ class EmulatedBackend:
         self._tables_cr3: int | None = None
         if track_dirty:
             self._add_dirty_hooks(machine.dom0.ram.ranges)
+        self._debug_init()
 
     # -- dirty tracking (trace recording only) ------------------------------------------------
     def dirty_pages(self) -> list[int]:
@@ -200,7 +215,7 @@ class EmulatedBackend:
 
     def _table_pages(self) -> set[int]:
         uc = self.uc
-        if not uc.reg_read(UC_X86_REG_CR0) & (1 << 31) or not uc.reg_read(UC_X86_REG_MSR, 0xC0000080) & (1 << 10):
+        if not uc.reg_read(UC_X86_REG_CR0) & (1 << 31) or not uc.reg_read(UC_X86_REG_MSR, MSR_EFER) & (1 << 10):
             return set()                    # paging off, or not long mode (the payloads' start code only)
         cr3 = uc.reg_read(UC_X86_REG_CR3) & ADDR_MASK
         if cr3 != self._tables_cr3:
@@ -304,18 +319,23 @@ class EmulatedBackend:
 
     def describe_cpu(self) -> str:
         uc = self.uc
-        # EIP/ESP: unicorn in 32-bit mode answers only the 32-bit registers (payloads live below 4 GiB)
-        return (f"RIP={uc.reg_read(UC_X86_REG_EIP):#x} RSP={uc.reg_read(UC_X86_REG_ESP):#x} "
-
+        return (f"RIP={uc.reg_read(UC_X86_REG_RIP):#x} RSP={uc.reg_read(UC_X86_REG_RSP):#x} "
                 f"CR0={uc.reg_read(UC_X86_REG_CR0):#x} CR3={uc.reg_read(UC_X86_REG_CR3):#x} "
-                f"CR4={uc.reg_read(UC_X86_REG_CR4):#x} EFER={uc.reg_read(UC_X86_REG_MSR, 0xC0000080):#x}")
+                f"CR4={uc.reg_read(UC_X86_REG_CR4):#x} EFER={uc.reg_read(UC_X86_REG_MSR, MSR_EFER):#x}")
 
     def run(self, entry: int, start_info: int, timeout: float) -> RunResult:
-        m = self.machine
         self._route()
         self._enter_pvh(entry, start_info)
+        return self._emulate(entry, timeout)
+
+    def _emulate(self, begin: int, timeout: float, count: int = 0,
+                 debug: Callable[[], DebugStop | None] | None = None) -> RunResult | DebugStop:
+        """Run from ``begin`` until the guest ends or ``timeout`` seconds pass; under a debugger
+        also until ``count`` instructions ran or a breakpoint or interrupt stopped it, which
+        ``debug`` tells (None: the guest's own doing, decided as without a debugger)."""
+        m = self.machine
         try:
-            self.uc.emu_start(entry, 0xFFFFFFFFFFFFFFFF, timeout=int(timeout * 1e6) if timeout else 0)
+            self.uc.emu_start(begin, 0xFFFFFFFFFFFFFFFF, timeout=int(timeout * 1e6) if timeout else 0, count=count)
             if self._hook_error is not None:
                 raise self._hook_error
         except UcError as e:
@@ -326,7 +346,10 @@ class EmulatedBackend:
             return RunResult(m.stop_status, "exit", self.name)
         if self.exception is not None:
             return self._exception()
-        rip = self.uc.reg_read(UC_X86_REG_EIP)
+        stop = debug() if debug is not None else None
+        if stop is not None:
+            return stop
+        rip = self.uc.reg_read(UC_X86_REG_RIP)
         if self._halted_at(rip):
             iflag = self.uc.reg_read(UC_X86_REG_EFLAGS) & (1 << 9)
             why = "with interrupts off" if not iflag else "waiting for an interrupt that never comes"

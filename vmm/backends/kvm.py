@@ -18,6 +18,7 @@ import struct
 import threading
 
 from vmm.backends import EXIT_CRASHED, EXIT_HALTED, EXIT_TIMEOUT, BackendUnavailable, RunResult, load_compiled
+from vmm.backends.kvm_debug import KvmDebug
 from vmm.memory import PAGE
 
 KVM_GET_API_VERSION = 0xAE00
@@ -164,7 +165,7 @@ def _flat32(selector: int, code: bool) -> KvmSegment:
                       dpl=0, db=1, s=1, l=0, g=1, avl=0, unusable=0)
 
 
-class KvmBackend:
+class KvmBackend(KvmDebug):
     name = "kvm"
 
     def __init__(self, machine, track_dirty: bool = False) -> None:
@@ -210,6 +211,7 @@ class KvmBackend:
         msrs = KvmMsrs1(nmsrs=1)
         msrs.entries[0] = KvmMsrEntry(index=MSR_MTRR_DEF_TYPE, data=MTRR_ENABLE_WB)
         _ioctl(self.vcpu, KVM_SET_MSRS, msrs)
+        self._debug_init()
 
     def dirty_pages(self) -> list[int]:
         """Guest-physical addresses of the pages the vCPU wrote since the previous call.
@@ -295,10 +297,11 @@ class KvmBackend:
             if timer is not None:
                 timer.cancel()
                 timer.join()
-        if result is None:
-            return RunResult(EXIT_TIMEOUT, "timeout", self.name,
-                             f"guest still running after {timeout:g} s; stopped ({self.describe_cpu()})")
-        return result
+        return self._timeout_result(timeout) if result is None else result
+
+    def _timeout_result(self, timeout: float) -> RunResult:
+        return RunResult(EXIT_TIMEOUT, "timeout", self.name,
+                         f"guest still running after {timeout:g} s; stopped ({self.describe_cpu()})")
 
     def _kick(self, thread_id: int) -> None:
         """Timer thread: stop the vCPU thread's KVM_RUN now, or its next one."""
