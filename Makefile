@@ -8,11 +8,11 @@ STAMP  := $(VENV)/.installed-stamp
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py requirements.txt vmm/walker/walker.c vmm/walker/build.py vmm/backends/kvm_build.py vmm/backends/emu_build.py
+$(STAMP): pyproject.toml setup.py requirements.txt vmm/walker/walker.c vmm/walker/build.py vmm/backends/kvm_build.py vmm/backends/emu_build.py vmm/backends/frames_build.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.txt
-	rm -f vmm/walker/_walker*.so vmm/backends/_kvm*.so vmm/backends/_emu*.so   # the editable install compiles these in place; no stale copy may shadow them
+	rm -f vmm/walker/_walker*.so vmm/backends/_kvm*.so vmm/backends/_emu*.so vmm/backends/_frames*.so   # the editable install compiles these in place; no stale copy may shadow them
 	$(BIN)/python -m pip install -q --no-build-isolation -e . --config-settings editable_mode=compat
 	touch $@
 
@@ -26,14 +26,11 @@ test: setup guests
 	$(BIN)/python -m pytest -q $(if $(filter-out 1,$(shell nproc)),-n auto)
 
 bench: setup guests
-	$(BIN)/python bench/mmio.py
-	$(BIN)/python bench/walker.py
-	@for b in bench/ipmmu.py bench/virtio_iommu.py bench/replay.py; do \
-		if [ -f $$b ]; then $(BIN)/python $$b || exit 1; fi; done
+	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 lint: setup
 	$(BIN)/ruff check .
 
 clean:
 	$(MAKE) -s -C guest_images clean
-	rm -rf build *.egg-info vmm/walker/_walker*.so vmm/walker/_walker.c vmm/backends/_kvm*.so vmm/backends/_kvm.c vmm/backends/_emu*.so vmm/backends/_emu.c .pytest_cache
+	rm -rf build *.egg-info vmm/walker/_walker*.so vmm/walker/_walker.c vmm/backends/_kvm*.so vmm/backends/_kvm.c vmm/backends/_emu*.so vmm/backends/_emu.c vmm/backends/_frames*.so vmm/backends/_frames.c .pytest_cache
