@@ -111,7 +111,7 @@ def cmd_run(args) -> int:
         recorder = Recorder(m, args.record, note=f"recorded from: vmm run {image} "
                             f"--backend {args.backend} --p2m {m.board.p2m}")
     try:
-        result = m.run(image, backend=args.backend, timeout=args.timeout)
+        result = m.run(image, backend=args.backend, timeout=args.timeout, cmdline=args.cmdline, initrd=args.initrd)
         if recorder is not None:
             recorder.close()
     except OSError as e:                 # the trace's disk filled up (or went away) during the run
@@ -180,8 +180,12 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="boot a PVH payload (default: demo)", epilog=RUN_STATUSES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("image", nargs="?", default=None,
-                   help=f"ELF path or built payload name ({', '.join(available_images()) or 'none built'})")
+                   help=f"ELF or bzImage path, or built payload name ({', '.join(available_images()) or 'none built'})")
     r.add_argument("--backend", choices=["auto", "kvm", "emulated"], default="auto")
+    r.add_argument("--cmdline", default="", metavar="STR",
+                   help="the kernel command line, handed over in hvm_start_info (e.g. \"console=ttyS0\")")
+    r.add_argument("--initrd", default=None, metavar="FILE",
+                   help="an initramfs, handed over as hvm_start_info module 0")
     r.add_argument("--board", default="rcar-virt")
     r.add_argument("--p2m", choices=["direct", "scattered"], default=None)
     r.add_argument("--ram", default=None, help="guest RAM size, e.g. 256M")

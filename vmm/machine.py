@@ -404,8 +404,9 @@ class Machine:
         return self.mmio_read(base + off("STATUS"), 4), self.mmio_read(base + off("FAULT_ADDR"), 8)
 
     # -- jobs -------------------------------------------------------------------------------
-    def run(self, image: str | None = None, backend: str = "auto", timeout: float = 10.0):
-        """Boot a payload. A machine runs once: its RAM, devices and P2M carry the first run's
+    def run(self, image: str | None = None, backend: str = "auto", timeout: float = 10.0, **boot):
+        """Boot a payload (``boot``: ``cmdline``, ``initrd``, as ``vmm.runner.run_image`` takes them).
+        A machine runs once: its RAM, devices and P2M carry the first run's
         state, so a second run would not start from a reset machine; build a new one."""
         if self._closed:
             raise MachineError("this machine is closed")
@@ -413,7 +414,7 @@ class Machine:
             raise MachineError("this machine already ran a payload; build a new Machine for the next run")
         self._ran = True
         from vmm.runner import run_image
-        return run_image(self, image, backend=backend, timeout=timeout)
+        return run_image(self, image, backend=backend, timeout=timeout, **boot)
 
     def replay(self, trace: str):
         from vmm.trace import replay_file

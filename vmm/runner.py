@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 
 from vmm.backends import BackendUnavailable, CpuBackend, RunResult
-from vmm.elfload import load_image, place
+from vmm.elfload import load_image, place, read_initrd
 from vmm.images import find_image
 
 log = logging.getLogger("vmm")
@@ -31,10 +31,14 @@ def choose_backend(name: str) -> type[CpuBackend]:
     return EmulatedBackend
 
 
-def run_image(machine, image: str | None, backend: str = "auto", timeout: float = 10.0) -> RunResult:
+def run_image(machine, image: str | None, backend: str = "auto", timeout: float = 10.0,
+              cmdline: str = "", initrd: str | None = None) -> RunResult:
+    """Load ``image`` (a PVH ELF or a bzImage), hand it ``cmdline`` and the ``initrd`` file (module 0)
+    through hvm_start_info, and run it on ``backend``."""
     dom = machine.dom0
     img = load_image(find_image(image), dom.ram_ranges)
-    start_info = place(img, dom.write, dom.ram_ranges)
+    modules = [read_initrd(initrd, dom.ram_size)] if initrd is not None else []
+    start_info = place(img, dom.write, dom.ram_ranges, cmdline=cmdline, modules=modules)
     cls = choose_backend(backend)
     # An access observer such as vmm.trace.Recorder may need the pages the CPU writes (dirty
     # tracking, off otherwise because it slows the guest) and a last look at them before the CPU goes.
