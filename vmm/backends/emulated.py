@@ -1,4 +1,7 @@
-"""The emulated backend: unicorn x86-64, started in 32-bit mode at the PVH entry.
+"""The emulated backend: unicorn x86-64 (64-bit mode), entered in the PVH 32-bit state.
+
+Exceptions, INT n, SYSCALL and CPUID are completed by vmm/backends/x86cpu.py, from QEMU's own code
+inside libunicorn, so the guest's IDT, stacks and privilege changes work as on hardware.
 
 Unicorn splits an 8-byte MMIO access into two 4-byte callbacks while KVM delivers one 8-byte
 exit, but its memory hook sees every access whole, before it happens. So the pages of bus
@@ -22,10 +25,9 @@ from collections.abc import Callable
 from unicorn import (
     UC_ARCH_X86,
     UC_HOOK_INSN,
-    UC_HOOK_INTR,
     UC_HOOK_MEM_READ,
     UC_HOOK_MEM_WRITE,
-    UC_MODE_32,
+    UC_MODE_64,
     UC_PROT_ALL,
     UC_PROT_READ,
     UC_PROT_WRITE,
@@ -43,18 +45,18 @@ from unicorn.x86_const import (
     UC_X86_REG_DS,
     UC_X86_REG_EBX,
     UC_X86_REG_EFLAGS,
-    UC_X86_REG_EIP,
     UC_X86_REG_ES,
-    UC_X86_REG_ESP,
     UC_X86_REG_FS,
-    UC_X86_REG_GDTR,
     UC_X86_REG_GS,
-    UC_X86_REG_IDTR,
     UC_X86_REG_MSR,
+    UC_X86_REG_RIP,
+    UC_X86_REG_RSP,
     UC_X86_REG_SS,
+    UC_X86_REG_TR,
 )
 
 from vmm.backends import EXIT_CRASHED, EXIT_HALTED, EXIT_TIMEOUT, RunResult, load_compiled
+from vmm.backends.x86cpu import X86Cpu
 from vmm.memory import PAGE
 
 _ex = load_compiled("_emu")
@@ -124,11 +126,10 @@ class EmulatedBackend:
 
     def __init__(self, machine, track_dirty: bool = False) -> None:
         self.machine = machine
-        uc = self.uc = Uc(UC_ARCH_X86, UC_MODE_32)
+        uc = self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         ram = [(r.gpa, r.size) for r in machine.dom0.ram.ranges]
         for r in machine.dom0.ram.ranges:
             uc.mem_map_ptr(r.gpa, r.size, UC_PROT_ALL, r.host)
-        self.exception: int | None = None
         self._hook_error: BaseException | None = None
         self._cfuncs: list = []     # keep the ctypes trampolines alive (dirty tracking)
         devices = [s for s in _page_cover([(start, size) for start, size, _ in machine.mmio.ranges()])
@@ -160,7 +161,7 @@ class EmulatedBackend:
         self._route()
         uc.hook_add(UC_HOOK_INSN, self._in, None, 1, 0, UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, UC_X86_INS_OUT)
-        uc.hook_add(UC_HOOK_INTR, self._intr)
+        self.x86 = X86Cpu(uc)
         machine.on_stop.append(self._stop)
         # Only while a trace is recorded: a Python callback on every guest store is slow.
         self._dirty: set[int] = set()       # page numbers (gpa >> 12) stored to since dirty_pages()
@@ -283,10 +284,6 @@ class EmulatedBackend:
     def _out(self, uc, port, size, value, ud):
         self.machine.pio_write(port, size, value)
 
-    def _intr(self, uc, intno, ud):
-        self.exception = intno
-        uc.emu_stop()
-
     def _stop(self) -> None:
         self.uc.emu_stop()
 
@@ -295,17 +292,17 @@ class EmulatedBackend:
         uc, m = self.uc, self.machine
         gdt = struct.pack("<QQQ", 0, 0x00CF9B000000FFFF, 0x00CF93000000FFFF)
         m.write_guest(BOOT_GDT, gdt)
-        uc.reg_write(UC_X86_REG_GDTR, (0, BOOT_GDT, len(gdt) - 1, 0))
+        self.x86.enter_protected_mode(BOOT_GDT, len(gdt) - 1, 0x08, 0x10)
         uc.reg_write(UC_X86_REG_CS, 0x08)
         for reg in (UC_X86_REG_DS, UC_X86_REG_ES, UC_X86_REG_FS, UC_X86_REG_GS, UC_X86_REG_SS):
             uc.reg_write(reg, 0x10)
+        uc.reg_write(UC_X86_REG_TR, (0, 0, 0x67, 0x8B00))      # a 32-bit busy TSS, base 0, limit 0x67
         uc.reg_write(UC_X86_REG_EBX, start_info)
         uc.reg_write(UC_X86_REG_EFLAGS, 2)
 
     def describe_cpu(self) -> str:
         uc = self.uc
-        # EIP/ESP: unicorn in 32-bit mode answers only the 32-bit registers (payloads live below 4 GiB)
-        return (f"RIP={uc.reg_read(UC_X86_REG_EIP):#x} RSP={uc.reg_read(UC_X86_REG_ESP):#x} "
+        return (f"RIP={uc.reg_read(UC_X86_REG_RIP):#x} RSP={uc.reg_read(UC_X86_REG_RSP):#x} "
 
                 f"CR0={uc.reg_read(UC_X86_REG_CR0):#x} CR3={uc.reg_read(UC_X86_REG_CR3):#x} "
                 f"CR4={uc.reg_read(UC_X86_REG_CR4):#x} EFER={uc.reg_read(UC_X86_REG_MSR, 0xC0000080):#x}")
@@ -324,9 +321,10 @@ class EmulatedBackend:
             return RunResult(EXIT_CRASHED, "error", self.name, f"emulator stopped: {e} ({self.describe_cpu()})")
         if m.stop_status is not None:
             return RunResult(m.stop_status, "exit", self.name)
-        if self.exception is not None:
-            return self._exception()
-        rip = self.uc.reg_read(UC_X86_REG_EIP)
+        if self.x86.delivering == 8:
+            return RunResult(EXIT_CRASHED, "triple-fault", self.name, "guest triple-faulted: a fault while "
+                             f"delivering a double fault ({self.describe_cpu()})")
+        rip = self.uc.reg_read(UC_X86_REG_RIP)
         if self._halted_at(rip):
             iflag = self.uc.reg_read(UC_X86_REG_EFLAGS) & (1 << 9)
             why = "with interrupts off" if not iflag else "waiting for an interrupt that never comes"
@@ -340,14 +338,3 @@ class EmulatedBackend:
             return self.uc.mem_read(rip - 1, 1) == b"\xf4"
         except UcError:
             return False
-
-    def _exception(self) -> RunResult:
-        """Unicorn stops on a CPU exception instead of delivering it. Decide what real hardware
-        would have done: a vector the IDT cannot deliver escalates to a triple fault."""
-        vec = self.exception
-        _, idt_base, idt_limit, _ = self.uc.reg_read(UC_X86_REG_IDTR)
-        cpu = self.describe_cpu()
-        if vec * 16 + 15 > idt_limit:
-            return RunResult(EXIT_CRASHED, "triple-fault", self.name, f"guest triple-faulted: exception {vec} "
-                             f"with no IDT entry (IDT limit {idt_limit:#x}) ({cpu})")
-        return RunResult(EXIT_CRASHED, "error", self.name, f"guest took CPU exception {vec} ({cpu})")
