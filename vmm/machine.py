@@ -243,7 +243,7 @@ class Machine:
             dtype = boards.device_type(where, spec["type"], spec["name"])
             try:
                 dev, size = dtype.build(ctx, spec)
-                self.mmio.add(spec["base"], size, dev, spec["name"])
+                (self.pio if spec.get("bus") == "pio" else self.mmio).add(spec["base"], size, dev, spec["name"])
             except BusError as e:
                 raise boards.BoardError(f"{where}: {e}") from None
             except KeyError as e:

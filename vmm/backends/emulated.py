@@ -20,6 +20,7 @@ import ctypes
 import itertools
 import mmap
 import struct
+import time
 from collections.abc import Callable
 
 from unicorn import (
@@ -56,6 +57,7 @@ from unicorn.x86_const import (
 )
 
 from vmm.backends import EXIT_CRASHED, EXIT_HALTED, EXIT_TIMEOUT, RunResult, load_compiled
+from vmm.backends.irqloop import InterruptSources
 from vmm.backends.x86cpu import X86Cpu
 from vmm.memory import PAGE
 
@@ -162,6 +164,7 @@ class EmulatedBackend:
         uc.hook_add(UC_HOOK_INSN, self._in, None, 1, 0, UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, UC_X86_INS_OUT)
         self.x86 = X86Cpu(uc)
+        self.irq = InterruptSources(machine, uc.emu_stop)
         machine.on_stop.append(self._stop)
         # Only while a trace is recorded: a Python callback on every guest store is slow.
         self._dirty: set[int] = set()       # page numbers (gpa >> 12) stored to since dirty_pages()
@@ -224,6 +227,7 @@ class EmulatedBackend:
                 self._walk_tables(e & ADDR_MASK, level - 1)
 
     def close(self) -> None:
+        self.irq.close()
         if self._stop in self.machine.on_stop:
             self.machine.on_stop.remove(self._stop)
         for slot in self._slot_list:
@@ -308,30 +312,95 @@ class EmulatedBackend:
                 f"CR4={uc.reg_read(UC_X86_REG_CR4):#x} EFER={uc.reg_read(UC_X86_REG_MSR, 0xC0000080):#x}")
 
     def run(self, entry: int, start_info: int, timeout: float) -> RunResult:
-        m = self.machine
         self._route()
         self._enter_pvh(entry, start_info)
+        if not self.irq.active:
+            return self._run_plain(entry, timeout)
+        return self._run_with_interrupts(entry, timeout)
+
+    def _run_plain(self, entry: int, timeout: float) -> RunResult:
+        """A board without an interrupt controller: one slice, as fast as unicorn goes."""
         try:
             self.uc.emu_start(entry, 0xFFFFFFFFFFFFFFFF, timeout=int(timeout * 1e6) if timeout else 0)
             if self._hook_error is not None:
                 raise self._hook_error
         except UcError as e:
-            if m.stop_status is not None:
-                return RunResult(m.stop_status, "exit", self.name)
-            return RunResult(EXIT_CRASHED, "error", self.name, f"emulator stopped: {e} ({self.describe_cpu()})")
-        if m.stop_status is not None:
-            return RunResult(m.stop_status, "exit", self.name)
+            return self._emulator_error(e)
+        done = self._finished()
+        if done is not None:
+            return done
+        rip = self.uc.reg_read(UC_X86_REG_RIP)
+        if self._halted_at(rip):
+            return self._halt_result()
+        return self._timeout_result(timeout)
+
+    def _finished(self) -> RunResult | None:
+        """The run's end when the guest wrote the exit port or triple-faulted."""
+        if self.machine.stop_status is not None:
+            return RunResult(self.machine.stop_status, "exit", self.name)
         if self.x86.delivering == 8:
             return RunResult(EXIT_CRASHED, "triple-fault", self.name, "guest triple-faulted: a fault while "
                              f"delivering a double fault ({self.describe_cpu()})")
-        rip = self.uc.reg_read(UC_X86_REG_RIP)
-        if self._halted_at(rip):
-            iflag = self.uc.reg_read(UC_X86_REG_EFLAGS) & (1 << 9)
-            why = "with interrupts off" if not iflag else "waiting for an interrupt that never comes"
-            return RunResult(EXIT_HALTED, "halt", self.name,
-                             f"guest halted {why} without writing the debug-exit port ({self.describe_cpu()})")
+        return None
+
+    def _emulator_error(self, e: UcError) -> RunResult:
+        if self.machine.stop_status is not None:
+            return RunResult(self.machine.stop_status, "exit", self.name)
+        return RunResult(EXIT_CRASHED, "error", self.name, f"emulator stopped: {e} ({self.describe_cpu()})")
+
+    def _halt_result(self) -> RunResult:
+        iflag = self.uc.reg_read(UC_X86_REG_EFLAGS) & (1 << 9)
+        why = "with interrupts off" if not iflag else "waiting for an interrupt that never comes"
+        return RunResult(EXIT_HALTED, "halt", self.name,
+                         f"guest halted {why} without writing the debug-exit port ({self.describe_cpu()})")
+
+    def _timeout_result(self, timeout: float) -> RunResult:
         return RunResult(EXIT_TIMEOUT, "timeout", self.name,
                          f"guest still running after {timeout:g} s; stopped ({self.describe_cpu()})")
+
+    # -- running with the board's interrupt controller and timers ------------------------------
+    def _run_with_interrupts(self, entry: int, timeout: float) -> RunResult:
+        """Slices between safe points (vmm/backends/irqloop.py): at each, timers and input are
+        serviced and an interrupt the controller raises is armed for the first instruction of the
+        next slice, which takes it if IF and no STI/MOV SS shadow forbid (x86cpu.X86Cpu)."""
+        uc, irq, x86 = self.uc, self.irq, self.x86
+        end = time.monotonic_ns() + int(timeout * 1e9) if timeout else None
+        rip = entry
+        try:
+            while True:
+                irq.service()
+                if_set = bool(uc.reg_read(UC_X86_REG_EFLAGS) & (1 << 9))
+                vector = irq.vector(if_set)
+                if vector is not None:
+                    x86.arm_interrupt(vector, rip)
+                blocked = x86.c.irq_blocked
+                irq.arm_alarm(irq.slice_end(end, if_set))
+                try:
+                    uc.emu_start(rip, 0xFFFFFFFFFFFFFFFF)
+                    if self._hook_error is not None:
+                        raise self._hook_error
+                except UcError as e:
+                    return self._emulator_error(e)
+                if x86.take_armed() is None and vector is not None:
+                    irq.ready = None                    # delivered
+                done = self._finished()
+                if done is not None:
+                    return done
+                rip = uc.reg_read(UC_X86_REG_RIP)
+                now = time.monotonic_ns()
+                if end is not None and now >= end:
+                    return self._timeout_result(timeout)
+                if irq.stopped or x86.c.irq_blocked != blocked:
+                    continue
+                # the CPU stopped by itself: HLT
+                if not uc.reg_read(UC_X86_REG_EFLAGS) & (1 << 9):
+                    return self._halt_result()
+                if irq.next_event() is None and not irq.pending() and not irq.expecting_input():
+                    return self._halt_result()
+                irq.wait(min(x for x in (end, irq.next_event()) if x is not None)
+                         if end is not None or irq.next_event() is not None else None)
+        finally:
+            irq.arm_alarm(None)
 
     def _halted_at(self, rip: int) -> bool:
         try:
