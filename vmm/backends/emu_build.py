@@ -56,7 +56,7 @@ struct ex_cpu {
     int32_t reg_rflags, reg_msr;    /* unicorn's register ids */
     int32_t delivering;       /* vector being delivered through the IDT now, -1: none */
     int32_t irq_vector;       /* external interrupt armed for the next instruction boundary, -1: none */
-    uint32_t irq_blocked;     /* the armed interrupt met IF=0 or an STI/MOV SS shadow */
+    uint32_t irq_blocked;     /* block starts where the armed interrupt met IF=0 or a shadow */
     uint64_t irqs;            /* external interrupts delivered */
     uint64_t syscalls;
     uint64_t exceptions[256]; /* deliveries through the IDT per vector (exceptions and INT n) */
@@ -304,21 +304,22 @@ void ex_syscall_hook(void *uc, void *ud)
     U64(env, ENV_EIP) = msr(c, MSR_LSTAR) - 2;
 }
 
-/* UC_HOOK_CODE on one address, the instruction boundary where a run resumes: deliver the armed
- * external interrupt if IF is set and no STI/MOV SS shadow holds (QEMU's own test), then leave
- * the translation block so execution goes on in the handler. Otherwise stop soon, so the runner
- * can arm it again at the next boundary. */
+/* UC_HOOK_BLOCK, at the start of every translation block (an instruction boundary where QEMU keeps
+ * RIP and the lazy flags in the CPU state): deliver the armed external interrupt once IF is set
+ * and no STI/MOV SS shadow holds (QEMU's own test; the block after STI is one instruction long, so
+ * the shadow ends at the next block), then leave the block so execution goes on in the handler.
+ * One compare when nothing is armed. */
 void ex_irq_hook(void *uc, uint64_t addr, uint32_t size, void *ud)
 {
     struct ex_cpu *c = ud;
     int vec = c->irq_vector;
+    (void)uc;
     (void)addr;
     (void)size;
     if (vec < 0)
         return;
     if (!(((pending_fn)c->pending)(c->cs, CPU_INTERRUPT_HARD) & CPU_INTERRUPT_HARD)) {
         c->irq_blocked++;
-        ((stop_fn)c->emu_stop)(uc);
         return;
     }
     c->irq_vector = -1;

@@ -164,7 +164,14 @@ class EmulatedBackend:
         uc.hook_add(UC_HOOK_INSN, self._in, None, 1, 0, UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, UC_X86_INS_OUT)
         self.x86 = X86Cpu(uc)
+        # No `until` address: unicorn 2.1.4 looks one up through the guest's page tables at every
+        # start, and the page fault that raises sets CR2 and QEMU's double-fault state behind the
+        # guest's back (tests/test_x86cpu.py). Runs end by emu_stop only.
+        uc.ctl_exits_enabled(True)
+        uc.ctl_set_exits([])
         self.irq = InterruptSources(machine, uc.emu_stop)
+        if self.irq.active:
+            self.x86.enable_interrupts()
         machine.on_stop.append(self._stop)
         # Only while a trace is recorded: a Python callback on every guest store is slow.
         self._dirty: set[int] = set()       # page numbers (gpa >> 12) stored to since dirty_pages()
@@ -369,20 +376,17 @@ class EmulatedBackend:
         try:
             while True:
                 irq.service()
-                if_set = bool(uc.reg_read(UC_X86_REG_EFLAGS) & (1 << 9))
-                vector = irq.vector(if_set)
-                if vector is not None:
-                    x86.arm_interrupt(vector, rip)
-                blocked = x86.c.irq_blocked
-                irq.arm_alarm(irq.slice_end(end, if_set))
+                if x86.armed is None:
+                    vector = irq.vector()
+                    if vector is not None:
+                        x86.arm_interrupt(vector)
+                irq.arm_alarm(irq.slice_end(end))
                 try:
                     uc.emu_start(rip, 0xFFFFFFFFFFFFFFFF)
                     if self._hook_error is not None:
                         raise self._hook_error
                 except UcError as e:
                     return self._emulator_error(e)
-                if x86.take_armed() is None and vector is not None:
-                    irq.ready = None                    # delivered
                 done = self._finished()
                 if done is not None:
                     return done
@@ -390,13 +394,16 @@ class EmulatedBackend:
                 now = time.monotonic_ns()
                 if end is not None and now >= end:
                     return self._timeout_result(timeout)
-                if irq.stopped or x86.c.irq_blocked != blocked:
+                if irq.stopped:
                     continue
                 # the CPU stopped by itself: HLT
                 if not uc.reg_read(UC_X86_REG_EFLAGS) & (1 << 9):
                     return self._halt_result()
-                if irq.next_event() is None and not irq.pending() and not irq.expecting_input():
+                if irq.next_event() is None and x86.armed is None and not irq.pending() \
+                        and not irq.expecting_input():
                     return self._halt_result()
+                if x86.armed is not None:
+                    continue                            # taken once the CPU runs on
                 irq.wait(min(x for x in (end, irq.next_event()) if x is not None)
                          if end is not None or irq.next_event() is not None else None)
         finally:

@@ -3,8 +3,9 @@
 
 A backend runs the guest in slices. Between two slices (a safe point: an instruction boundary,
 with the CPU stopped) it calls ``service`` -- timers give the edges that came due, input that other
-threads fed is taken in -- and asks ``vector(if_set)`` for an interrupt to deliver; it runs the
-next slice no longer than ``slice_end`` allows. ``Alarm`` stops the CPU when a slice ends; an
+threads fed is taken in -- and asks ``vector()`` for an interrupt to arm in the CPU, which takes it
+at the first instruction boundary where IF allows; it runs the next slice no longer than
+``slice_end`` allows. ``Alarm`` stops the CPU when a slice ends; an
 interrupt controller whose INT rises while the guest runs (a device raised its line during an
 MMIO access) and input from another thread stop it at once. Devices are found by what they offer
 (``cpu_facing`` + ``acknowledge``, ``next_event`` + ``tick``, ``service`` + ``wake``), so a board
@@ -16,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 
-POLL_NS = 1_000_000        # a pending interrupt the guest masks (IF=0) is looked at again after 1 ms
+POLL_NS = 1_000_000        # a slice end the CPU missed (it raced the start) is repeated every 1 ms
 
 
 class Alarm:
@@ -66,7 +67,6 @@ class InterruptSources:
         self.stop_cpu = stop_cpu
         self.stopped = False              # the CPU was stopped by a slice end or an event, not by itself
         self.woken = threading.Event()
-        self.ready: int | None = None     # a vector acknowledged at the controller, not yet delivered
         self.alarm: Alarm | None = None
         if self.intc is not None:
             self.intc.listeners.append(self._raised)
@@ -112,24 +112,21 @@ class InterruptSources:
         events = [e for e in (t.next_event() for t in self.timers) if e is not None]
         return min(events) if events else None
 
-    def vector(self, if_set: bool) -> int | None:
-        """The vector to deliver now, acknowledged at the controller (None: nothing, or IF is 0)."""
-        if self.ready is None and if_set and self.intc is not None and self.intc.intr:
-            self.ready = self.intc.acknowledge()
-        return self.ready if if_set else None
+    def vector(self) -> int | None:
+        """The vector the controller raises, acknowledged (the CPU takes it once IF allows)."""
+        if self.intc is not None and self.intc.intr:
+            return self.intc.acknowledge()
+        return None
 
     def pending(self) -> bool:
-        return self.ready is not None or (self.intc is not None and self.intc.intr)
+        return self.intc is not None and self.intc.intr
 
     def expecting_input(self) -> bool:
         return any(getattr(d, "expect_input", False) for d in self.inputs)
 
-    def slice_end(self, end: int | None, if_set: bool) -> int | None:
-        """When the next slice must stop: the run's end, the next timer edge, or soon when an
-        interrupt waits for the guest to set IF again."""
+    def slice_end(self, end: int | None) -> int | None:
+        """When the next slice must stop: the run's end or the next timer edge."""
         marks = [m for m in (end, self.next_event()) if m is not None]
-        if self.pending() and not if_set:
-            marks.append(time.monotonic_ns() + POLL_NS)
         return min(marks) if marks else None
 
     def arm_alarm(self, deadline: int | None) -> None:

@@ -8,8 +8,9 @@ QEMU's x86 code and exports it, so C hooks (vmm/backends/emu_build.py) call it:
 - exceptions and software interrupts: ``x86_cpu_do_interrupt`` -- delivery through the long-mode
   (or protected-mode) IDT with error codes, CR2, IST and RSP0 stacks, privilege checks, and #DF /
   triple-fault escalation by QEMU's ``check_exception``;
-- external interrupts: ``do_interrupt_x86_hardirq`` at an instruction boundary where
-  ``x86_cpu_pending_interrupt`` says IF is set and no STI/MOV SS shadow holds;
+- external interrupts: ``do_interrupt_x86_hardirq`` at the start of a translation block (an
+  instruction boundary) where ``x86_cpu_pending_interrupt`` says IF is set and no STI/MOV SS
+  shadow holds;
 - SYSCALL: the SDM transition written here (SYSRET and IRETQ are QEMU's, untouched);
 - CPUID: QEMU's answer for the CPU model with this module's ``CPUID_EDITS`` applied, and the MSRs a
   kernel reads set from ``MSR_RESET`` -- one table each.
@@ -24,7 +25,7 @@ import ctypes
 import struct
 
 import unicorn
-from unicorn import UC_HOOK_CODE, UC_HOOK_INSN, UC_HOOK_INTR, UcError
+from unicorn import UC_HOOK_BLOCK, UC_HOOK_INSN, UC_HOOK_INTR, UcError
 from unicorn.unicorn_py3.unicorn import uclib
 from unicorn.x86_const import (
     UC_X86_INS_CPUID,
@@ -160,7 +161,7 @@ class X86Cpu:
         self._hook(UC_HOOK_INTR, fn["ex_intr_hook"], 1, 0)
         self._hook(UC_HOOK_INSN, fn["ex_syscall_hook"], 1, 0, UC_X86_INS_SYSCALL)
         self._hook(UC_HOOK_INSN, fn["ex_cpuid_hook"], 1, 0, UC_X86_INS_CPUID)
-        self._irq_hook: int | None = None
+        self._irq_hook = 0
 
     def _load_cpuid(self, edits) -> None:
         rows: dict[tuple[int, int], list[list[int]]] = {}
@@ -203,30 +204,27 @@ class X86Cpu:
         return struct.unpack("<I", ctypes.string_at(self.env + ENV_HFLAGS, 4))[0]
 
     # -- external interrupts -----------------------------------------------------------------
-    def arm_interrupt(self, vector: int, rip: int) -> None:
-        """Deliver external interrupt ``vector`` at the boundary where the next run starts (``rip``),
-        if IF and no interrupt shadow allow it; else the run stops soon and ``armed`` stays set."""
-        self.disarm()
-        self.c.irq_vector = vector & 0xFF
-        self.uc.ctl_remove_cache(rip, rip + 1)
-        self._irq_hook = self._hook(UC_HOOK_CODE, self._fn["ex_irq_hook"], rip, rip)
+    def enable_interrupts(self) -> None:
+        """Register the block hook that delivers external interrupts (boards with a controller).
+        It must be there before the first block is translated: a hook added later reaches only
+        blocks translated after it, and deleting a hook makes unicorn re-translate the addresses
+        it covered through the guest's page tables from whatever mode the CPU is in then, which
+        can raise a page fault no handler sees (CR2 and QEMU's double-fault state change)."""
+        if not self._irq_hook:
+            self._irq_hook = self._hook(UC_HOOK_BLOCK, self._fn["ex_irq_hook"], 1, 0)
 
-    def disarm(self) -> None:
-        if self._irq_hook is not None:
-            uclib.uc_hook_del(self.uc._uch, ctypes.c_size_t(self._irq_hook))
-            self._irq_hook = None
+    def arm_interrupt(self, vector: int) -> None:
+        """Deliver external interrupt ``vector`` at the first block start where IF is set and no
+        STI/MOV SS shadow holds."""
+        if not self._irq_hook:
+            raise RuntimeError("enable_interrupts() first")
+        self.c.irq_vector = vector & 0xFF
 
     @property
     def armed(self) -> int | None:
+        """The armed vector not delivered yet."""
         v = self.c.irq_vector
         return None if v < 0 else v
-
-    def take_armed(self) -> int | None:
-        """The armed vector that was not delivered (to arm again), clearing it."""
-        v = self.armed
-        self.c.irq_vector = -1
-        self.disarm()
-        return v
 
     # -- what happened ------------------------------------------------------------------------
     @property
