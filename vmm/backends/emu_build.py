@@ -48,6 +48,7 @@ struct ex_cpu {
     void *hardirq;            /* do_interrupt_x86_hardirq(CPUX86State *, int intno, int is_hw) */
     void *pending;            /* x86_cpu_pending_interrupt(CPUState *, int request) */
     void *loop_exit;          /* cpu_loop_exit(CPUState *) */
+    void *loop_exit_noexc;    /* cpu_loop_exit_noexc(CPUState *): the same, no exception pending */
     void *raise_exception;    /* raise_exception(CPUX86State *, int) */
     void *cpuid;              /* cpu_x86_cpuid(CPUX86State *, u32 leaf, u32 sub, u32 *a, *b, *c, *d) */
     void *reg_read;           /* uc_reg_read */
@@ -66,11 +67,13 @@ struct ex_cpu {
 };
 void ex_intr_hook(void *uc, uint32_t intno, void *ud);
 void ex_syscall_hook(void *uc, void *ud);
+bool ex_invalid_hook(void *uc, void *ud);
 void ex_irq_hook(void *uc, uint64_t addr, uint32_t size, void *ud);
 int ex_cpuid_hook(void *uc, void *ud);
 """
 
 SOURCE = r"""
+#include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -176,7 +179,7 @@ void ex_gap_write(void *uc, uint64_t offset, unsigned size, uint64_t value, void
 struct ex_cpu {
     void *uc, *cs;
     uint8_t *env;
-    void *do_interrupt, *hardirq, *pending, *loop_exit, *raise_exception, *cpuid;
+    void *do_interrupt, *hardirq, *pending, *loop_exit, *loop_exit_noexc, *raise_exception, *cpuid;
     void *reg_read, *reg_write, *emu_stop;
     int32_t reg_rflags, reg_msr;
     int32_t delivering, irq_vector;
@@ -248,6 +251,22 @@ void ex_intr_hook(void *uc, uint32_t intno, void *ud)
     c->exceptions[intno & 0xFF]++;
     ((do_interrupt_fn)c->do_interrupt)(c->cs);
     c->delivering = -1;
+}
+
+/* UC_HOOK_INSN_INVALID: unicorn 2.1.4 stops the run on #UD instead of raising it (its
+ * stop_interrupt), calling this hook first with the exception pending. Deliver it like any other
+ * and go on in the handler: cpu_loop_exit_noexc clears the pending exception and re-enters the
+ * CPU loop, which otherwise would stop and see #UD again when the next run starts. */
+bool ex_invalid_hook(void *uc, void *ud)
+{
+    struct ex_cpu *c = ud;
+    (void)uc;
+    c->delivering = 6;
+    c->exceptions[6]++;
+    ((do_interrupt_fn)c->do_interrupt)(c->cs);
+    c->delivering = -1;
+    ((loop_exit_fn)c->loop_exit_noexc)(c->cs);
+    return true;
 }
 
 static uint64_t msr(struct ex_cpu *c, uint32_t rid)

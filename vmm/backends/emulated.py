@@ -42,17 +42,11 @@ from unicorn.x86_const import (
     UC_X86_REG_CR0,
     UC_X86_REG_CR3,
     UC_X86_REG_CR4,
-    UC_X86_REG_CS,
-    UC_X86_REG_DS,
     UC_X86_REG_EBX,
     UC_X86_REG_EFLAGS,
-    UC_X86_REG_ES,
-    UC_X86_REG_FS,
-    UC_X86_REG_GS,
     UC_X86_REG_MSR,
     UC_X86_REG_RIP,
     UC_X86_REG_RSP,
-    UC_X86_REG_SS,
     UC_X86_REG_TR,
 )
 
@@ -304,9 +298,7 @@ class EmulatedBackend:
         gdt = struct.pack("<QQQ", 0, 0x00CF9B000000FFFF, 0x00CF93000000FFFF)
         m.write_guest(BOOT_GDT, gdt)
         self.x86.enter_protected_mode(BOOT_GDT, len(gdt) - 1, 0x08, 0x10)
-        uc.reg_write(UC_X86_REG_CS, 0x08)
-        for reg in (UC_X86_REG_DS, UC_X86_REG_ES, UC_X86_REG_FS, UC_X86_REG_GS, UC_X86_REG_SS):
-            uc.reg_write(reg, 0x10)
+        self.x86.load_flat_32bit(0x08, 0x10)
         uc.reg_write(UC_X86_REG_TR, (0, 0, 0x67, 0x8B00))      # a 32-bit busy TSS, base 0, limit 0x67
         uc.reg_write(UC_X86_REG_EBX, start_info)
         uc.reg_write(UC_X86_REG_EFLAGS, 2)

@@ -1,8 +1,8 @@
 """What unicorn's x86-64 CPU lacks to run an operating system, given back from QEMU's own code.
 
 Unicorn 2.1.4 (pinned) is QEMU 5.0's TCG with three things taken out that a kernel needs:
-exceptions and ``INT n`` go to a hook instead of through the guest's IDT, ``SYSCALL`` runs a hook
-instead of entering the kernel, and there is no interrupt controller. libunicorn still carries
+exceptions and ``INT n`` go to a hook instead of through the guest's IDT (and #UD stops the run),
+``SYSCALL`` runs a hook instead of entering the kernel, and there is no interrupt controller. libunicorn still carries
 QEMU's x86 code and exports it, so C hooks (vmm/backends/emu_build.py) call it:
 
 - exceptions and software interrupts: ``x86_cpu_do_interrupt`` -- delivery through the long-mode
@@ -25,7 +25,7 @@ import ctypes
 import struct
 
 import unicorn
-from unicorn import UC_HOOK_BLOCK, UC_HOOK_INSN, UC_HOOK_INTR, UcError
+from unicorn import UC_HOOK_BLOCK, UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UcError
 from unicorn.unicorn_py3.unicorn import uclib
 from unicorn.x86_const import (
     UC_X86_INS_CPUID,
@@ -49,7 +49,9 @@ _ex = load_compiled("_emu")
 _SUFFIX = "_x86_64"
 _ENV_SCAN = 1 << 17               # CPUX86State lies within the X86CPU object after its CPUState
 ENV_HFLAGS, ENV_SEGS = 176, 184
-HF_CPL_MASK, HF_LMA_MASK, HF_CS64_MASK = 3, 1 << 14, 1 << 15
+HF_CPL_MASK, HF_CS32_MASK, HF_SS32_MASK, HF_ADDSEG_MASK = 3, 1 << 4, 1 << 5, 1 << 6
+HF_LMA_MASK, HF_CS64_MASK = 1 << 14, 1 << 15
+ES, CS, SS, DS, FS, GS = range(6)
 
 MSR_EFER = 0xC0000080
 CR0_PE, CR0_ET, CR0_PG = 1, 1 << 4, 1 << 31
@@ -147,6 +149,7 @@ class X86Cpu:
         c.env = _ex.ffi.cast("uint8_t *", self.env)
         for field, name in (("do_interrupt", "x86_cpu_do_interrupt"), ("hardirq", "do_interrupt_x86_hardirq"),
                             ("pending", "x86_cpu_pending_interrupt"), ("loop_exit", "cpu_loop_exit"),
+                            ("loop_exit_noexc", "cpu_loop_exit_noexc"),
                             ("raise_exception", "raise_exception"), ("cpuid", "cpu_x86_cpuid")):
             setattr(c, field, _ex.ffi.cast("void *", _symbol(name)))
         for field, name in (("reg_read", "uc_reg_read"), ("reg_write", "uc_reg_write"), ("emu_stop", "uc_emu_stop")):
@@ -156,9 +159,10 @@ class X86Cpu:
         self._load_cpuid(CPUID_EDITS)
         self._ud = int(_ex.ffi.cast("uintptr_t", c))
         fn = {f: int(_ex.ffi.cast("uintptr_t", _ex.ffi.addressof(_ex.lib, f)))
-              for f in ("ex_intr_hook", "ex_syscall_hook", "ex_irq_hook", "ex_cpuid_hook")}
+              for f in ("ex_intr_hook", "ex_syscall_hook", "ex_irq_hook", "ex_cpuid_hook", "ex_invalid_hook")}
         self._fn = fn
         self._hook(UC_HOOK_INTR, fn["ex_intr_hook"], 1, 0)
+        self._hook(UC_HOOK_INSN_INVALID, fn["ex_invalid_hook"], 1, 0)
         self._hook(UC_HOOK_INSN, fn["ex_syscall_hook"], 1, 0, UC_X86_INS_SYSCALL)
         self._hook(UC_HOOK_INSN, fn["ex_cpuid_hook"], 1, 0, UC_X86_INS_CPUID)
         self._irq_hook = 0
@@ -202,6 +206,17 @@ class X86Cpu:
 
     def hflags(self) -> int:
         return struct.unpack("<I", ctypes.string_at(self.env + ENV_HFLAGS, 4))[0]
+
+    def load_flat_32bit(self, code: int, data: int) -> None:
+        """CS = ``code`` as flat 32-bit execute/read code, DS/ES/FS/GS/SS = ``data`` as flat 32-bit
+        read/write data, CPL 0: the descriptor caches and hidden flags of the PVH entry, written as
+        QEMU's cpu_x86_load_seg_cache does (unicorn's register API, in 64-bit mode, sets only the
+        selector of a segment register)."""
+        for seg in (ES, CS, SS, DS, FS, GS):
+            sel, flags = (code, 0x00CF9B00) if seg == CS else (data, 0x00CF9300)
+            ctypes.memmove(self.env + ENV_SEGS + 24 * seg, struct.pack("<IIQII", sel, 0, 0, 0xFFFFFFFF, flags), 24)
+        h = self.hflags() & ~(HF_CPL_MASK | HF_CS32_MASK | HF_SS32_MASK | HF_ADDSEG_MASK | HF_CS64_MASK)
+        ctypes.memmove(self.env + ENV_HFLAGS, struct.pack("<I", h | HF_CS32_MASK | HF_SS32_MASK), 4)
 
     # -- external interrupts -----------------------------------------------------------------
     def enable_interrupts(self) -> None:
