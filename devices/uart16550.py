@@ -19,7 +19,7 @@ RBR_THR, IER, IIR_FCR, LCR, MCR, LSR, MSR, SCR = range(8)
 IER_RDI, IER_THRI, IER_RLSI, IER_MSI = 1, 2, 4, 8
 IIR_NO_INT, IIR_MSI, IIR_THRI, IIR_RDI, IIR_RLSI, IIR_FIFO = 0x01, 0x00, 0x02, 0x04, 0x06, 0xC0
 LCR_DLAB = 0x80
-MCR_LOOP = 0x10
+MCR_RTS, MCR_LOOP = 0x02, 0x10
 LSR_DR, LSR_OE, LSR_THRE, LSR_TEMT = 0x01, 0x02, 0x20, 0x40
 MSR_DCTS, MSR_DDSR, MSR_TERI, MSR_DDCD, MSR_CTS, MSR_DSR, MSR_RI, MSR_DCD = (1 << i for i in range(8))
 FCR_FIFO, FCR_CLEAR_RX = 0x01, 0x02
@@ -43,19 +43,22 @@ class Uart16550:
 
     # -- the host side ------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
-        """Queue ``data`` as received bytes (any thread)."""
+        """Queue ``data`` as received bytes (any thread); empty data only wakes the listeners."""
         if data:
             self.inbox.append(bytes(data))
-            for wake in self.wake:
-                wake()
+        for wake in self.wake:
+            wake()
 
     @property
     def rx_waiting(self) -> bool:
         return bool(self.inbox)
 
     def service(self) -> None:
-        """Take fed bytes into the receive FIFO (the CPU's thread); beyond ``RX_LIMIT`` they overrun."""
-        if not self.inbox:
+        """Take fed bytes into the receive FIFO (the CPU's thread); beyond ``RX_LIMIT`` they overrun.
+        The sender honours hardware flow control: nothing is sent while the guest holds RTS low
+        (a driver raises it when its port is opened, after it has flushed the FIFO), so input typed
+        before the guest listens waits instead of being lost."""
+        if not self.inbox or not self.mcr & MCR_RTS:
             return
         while self.inbox:
             data = self.inbox.popleft()
@@ -135,6 +138,7 @@ class Uart16550:
             self.lcr = value
         elif off == MCR:
             self.mcr = value & 0x1F
+            self.service()
         elif off == SCR:
             self.scr = value
         self._update()

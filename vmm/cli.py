@@ -105,6 +105,8 @@ def cmd_run(args) -> int:
             if b"\n" in data:
                 sys.stdout.buffer.flush()
         m.console_sinks.append(echo)
+    if not args.json:
+        _wire_stdin(m)
     recorder = None
     if args.record:
         from vmm.trace import Recorder
@@ -136,6 +138,32 @@ def cmd_run(args) -> int:
     elif result.reason != "exit":
         print(f"vmm: {result.message}", file=sys.stderr)
     return result.status
+
+
+def _wire_stdin(m) -> None:
+    """Standard input goes to the board's console UART (the first device that takes ``feed``), so
+    ``console=ttyS0`` gives a shell; a thread pumps it until EOF. While it can still come, a guest
+    that halts with interrupts enabled waits for it instead of ending the run."""
+    import threading
+
+    uart = next((d for d in m.devices.values() if callable(getattr(d, "feed", None))), None)
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, ValueError, OSError):
+        return
+    if uart is None:
+        return
+    uart.expect_input = True
+
+    def pump() -> None:
+        try:
+            while data := os.read(fd, 4096):
+                uart.feed(data)
+        except OSError:
+            pass
+        uart.expect_input = False
+        uart.feed(b"")                    # wake a waiting CPU, which now sees no input can come
+    threading.Thread(target=pump, name="vmm-stdin", daemon=True).start()
 
 
 def cmd_replay(args) -> int:
