@@ -57,6 +57,8 @@ struct ex_cpu {
     int32_t reg_rflags, reg_msr;    /* unicorn's register ids */
     int32_t delivering;       /* vector being delivered through the IDT now, -1: none */
     int32_t irq_vector;       /* external interrupt armed for the next instruction boundary, -1: none */
+    int32_t stop_after_irq;   /* another one waits at the controller: stop once this one is taken */
+    uint32_t stops;           /* runs these hooks ended (emu_stop), so a runner can tell them from HLT */
     uint32_t irq_blocked;     /* block starts where the armed interrupt met IF=0 or a shadow */
     uint64_t irqs;            /* external interrupts delivered */
     uint64_t syscalls;
@@ -182,7 +184,8 @@ struct ex_cpu {
     void *do_interrupt, *hardirq, *pending, *loop_exit, *loop_exit_noexc, *raise_exception, *cpuid;
     void *reg_read, *reg_write, *emu_stop;
     int32_t reg_rflags, reg_msr;
-    int32_t delivering, irq_vector;
+    int32_t delivering, irq_vector, stop_after_irq;
+    uint32_t stops;
     uint32_t irq_blocked;
     uint64_t irqs, syscalls;
     uint64_t exceptions[256];
@@ -332,7 +335,6 @@ void ex_irq_hook(void *uc, uint64_t addr, uint32_t size, void *ud)
 {
     struct ex_cpu *c = ud;
     int vec = c->irq_vector;
-    (void)uc;
     (void)addr;
     (void)size;
     if (vec < 0)
@@ -346,6 +348,11 @@ void ex_irq_hook(void *uc, uint64_t addr, uint32_t size, void *ud)
     c->delivering = 0x100 | vec;
     ((hardirq_fn)c->hardirq)(c->env, vec, 1);
     c->delivering = -1;
+    if (c->stop_after_irq) {
+        c->stop_after_irq = 0;
+        c->stops++;
+        ((stop_fn)c->emu_stop)(uc);
+    }
     ((loop_exit_fn)c->loop_exit)(c->cs);
 }
 

@@ -372,7 +372,10 @@ class EmulatedBackend:
                     vector = irq.vector()
                     if vector is not None:
                         x86.arm_interrupt(vector)
+                if x86.armed is not None and irq.pending():
+                    x86.stop_after_delivery()           # a safe point to take the next one
                 irq.arm_alarm(irq.slice_end(end))
+                stops = x86.c.stops
                 try:
                     uc.emu_start(rip, 0xFFFFFFFFFFFFFFFF)
                     if self._hook_error is not None:
@@ -386,7 +389,7 @@ class EmulatedBackend:
                 now = time.monotonic_ns()
                 if end is not None and now >= end:
                     return self._timeout_result(timeout)
-                if irq.stopped:
+                if irq.stopped or x86.c.stops != stops:
                     continue
                 # the CPU stopped by itself: HLT
                 if not uc.reg_read(UC_X86_REG_EFLAGS) & (1 << 9):

@@ -235,6 +235,10 @@ class X86Cpu:
             raise RuntimeError("enable_interrupts() first")
         self.c.irq_vector = vector & 0xFF
 
+    def stop_after_delivery(self) -> None:
+        """End the run once the armed interrupt is taken (the controller holds the next one)."""
+        self.c.stop_after_irq = 1
+
     @property
     def armed(self) -> int | None:
         """The armed vector not delivered yet."""
