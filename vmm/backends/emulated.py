@@ -25,6 +25,9 @@ from collections.abc import Callable
 
 from unicorn import (
     UC_ARCH_X86,
+    UC_ERR_FETCH_UNMAPPED,
+    UC_ERR_READ_UNMAPPED,
+    UC_ERR_WRITE_UNMAPPED,
     UC_HOOK_INSN,
     UC_HOOK_MEM_READ,
     UC_HOOK_MEM_WRITE,
@@ -64,6 +67,7 @@ BOOT_GDT = 0x5000        # below hvm_start_info; the payload loads its own GDT a
 PHYS_LIMIT = 1 << 40        # unclaimed accesses anywhere below read 0, as on KVM
 ADDR_MASK = 0x000FFFFFFFFFF000     # physical address bits of a page-table entry
 _U64 = (1 << 64) - 1
+_UNMAPPED = (UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED, UC_ERR_FETCH_UNMAPPED)
 # What the C hook calls, by slot: a machine's mmio_read/mmio_write, or one device's read/write.
 _reads: dict[int, Callable[[int, int], int]] = {}
 _writes: dict[int, Callable[[int, int, int], None]] = {}
@@ -135,11 +139,9 @@ class EmulatedBackend:
         for base, size in devices:
             backing = mmap.mmap(-1, size)
             self._backing.append(backing)
-            host = ctypes.addressof(ctypes.c_char.from_buffer(backing))
-            uc.mem_map_ptr(base, size, UC_PROT_READ | UC_PROT_WRITE, host)
-            windows.append((base, size, host))
-        gaps = _gaps(sorted(ram + devices))
-        windows = sorted(windows + [(base, size, 0) for base, size in gaps])
+            windows.append((base, size, ctypes.addressof(ctypes.c_char.from_buffer(backing))))
+        self._gaps = _gaps(sorted(ram + devices))
+        windows = sorted(windows + [(base, size, 0) for base, size in self._gaps])
         self._map = _ex.ffi.new("struct ex_map *", {"w": len(windows)})
         self._map.n = len(windows)
         self._slot_list: list[int] = []
@@ -147,13 +149,10 @@ class EmulatedBackend:
         self._map.slot = self._new_slot(None, None)
         for w, (base, size, host) in zip(self._map.w, windows, strict=True):
             w.start, w.end, w.backing = base, base + size, _ex.ffi.cast("uint8_t *", host)
-        map_addr = int(_ex.ffi.cast("uintptr_t", self._map))
-        for base, size in gaps:
-            err = uclib.uc_mmio_map(uc._uch, base, size, _GAP_READ, map_addr, _GAP_WRITE, map_addr)
-            if err:
-                raise UcError(err)
-        if windows:
-            self._raw_mem_hook(_MEM_HOOK, windows[0][0], windows[-1][0] + windows[-1][1] - 1, map_addr)
+        self._windows = windows
+        self._devices_mapped = False
+        if track_dirty or machine.observers:
+            self._map_devices()
         self._route()
         uc.hook_add(UC_HOOK_INSN, self._in, None, 1, 0, UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, UC_X86_INS_OUT)
@@ -236,6 +235,45 @@ class EmulatedBackend:
             _writes.pop(slot, None)
             _owners.pop(slot, None)
         self._slot_list = []
+
+    # -- device windows, mapped at the first access --------------------------------------------
+    def _map_devices(self) -> None:
+        """Map the device pages and the gaps and register the memory hook that dispatches them.
+
+        Any unicorn memory hook sends every guest load and store through its slow path (a
+        helper call instead of the inlined TLB hit: a kernel runs about half as fast). So until the
+        guest first touches a device page or a gap -- which unicorn then reports as an unmapped
+        access, with RIP back on that instruction (``_start``) -- only RAM is mapped and no hook
+        is there; the access is then retried with everything in place and the run stays so."""
+        if self._devices_mapped:
+            return
+        uc = self.uc
+        self._devices_mapped = True
+        map_addr = int(_ex.ffi.cast("uintptr_t", self._map))
+        for base, size, host in self._windows:
+            if host:
+                uc.mem_map_ptr(base, size, UC_PROT_READ | UC_PROT_WRITE, host)
+        for base, size in self._gaps:
+            err = uclib.uc_mmio_map(uc._uch, base, size, _GAP_READ, map_addr, _GAP_WRITE, map_addr)
+            if err:
+                raise UcError(err)
+        w = self._windows
+        if w:
+            self._raw_mem_hook(_MEM_HOOK, w[0][0], w[-1][0] + w[-1][1] - 1, map_addr)
+        uc.ctl_flush_tb()                   # blocks translated before have the fast path inlined
+
+    def _start(self, begin: int, timeout_us: int = 0) -> None:
+        """``emu_start`` from ``begin``; an access to an unmapped device page or gap maps them all
+        (``_map_devices``) and runs on from the instruction that made it."""
+        while True:
+            try:
+                self.uc.emu_start(begin, 0xFFFFFFFFFFFFFFFF, timeout=timeout_us)
+                return
+            except UcError as e:
+                if self._devices_mapped or e.errno not in _UNMAPPED:
+                    raise
+                self._map_devices()
+                begin = self.uc.reg_read(UC_X86_REG_RIP)
 
     # -- hooks ------------------------------------------------------------------------------
     def _new_slot(self, read, write) -> int:
@@ -320,7 +358,7 @@ class EmulatedBackend:
     def _run_plain(self, entry: int, timeout: float) -> RunResult:
         """A board without an interrupt controller: one slice, as fast as unicorn goes."""
         try:
-            self.uc.emu_start(entry, 0xFFFFFFFFFFFFFFFF, timeout=int(timeout * 1e6) if timeout else 0)
+            self._start(entry, int(timeout * 1e6) if timeout else 0)
             if self._hook_error is not None:
                 raise self._hook_error
         except UcError as e:
@@ -377,7 +415,7 @@ class EmulatedBackend:
                 irq.arm_alarm(irq.slice_end(end))
                 stops = x86.c.stops
                 try:
-                    uc.emu_start(rip, 0xFFFFFFFFFFFFFFFF)
+                    self._start(rip)
                     if self._hook_error is not None:
                         raise self._hook_error
                 except UcError as e:
