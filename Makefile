@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test guests bench lint clean
+.PHONY: setup demo test guests linux-guest bench lint clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml setup.py requirements.txt vmm/walker/walker.c vmm/walke
 
 guests:
 	$(MAKE) -s -C guest_images
+
+# A Debian cloud kernel and a busybox initramfs (apt-get download), for `vmm run` of a real Linux.
+linux-guest:
+	$(MAKE) -s -C guest_images/linux PYTHON=$(PYTHON)
 
 demo: setup guests
 	$(BIN)/vmm run
@@ -33,4 +37,5 @@ lint: setup
 
 clean:
 	$(MAKE) -s -C guest_images clean
+	$(MAKE) -s -C guest_images/linux clean
 	rm -rf build *.egg-info vmm/walker/_walker*.so vmm/walker/_walker.c vmm/backends/_kvm*.so vmm/backends/_kvm.c vmm/backends/_emu*.so vmm/backends/_emu.c vmm/backends/_frames*.so vmm/backends/_frames.c .pytest_cache

@@ -117,13 +117,16 @@ def cmd_run(args) -> int:
             if b"\n" in data:
                 sys.stdout.buffer.flush()
         m.console_sinks.append(echo)
+    if not args.json:
+        _wire_stdin(m)
     recorder = None
     if args.record:
         from vmm.trace import Recorder
         recorder = Recorder(m, args.record, note=f"recorded from: vmm run {image} "
                             f"--backend {args.backend} --p2m {m.board.p2m}{' --secure' if m.board.secure else ''}")
     try:
-        result = m.run(image, backend=args.backend, timeout=args.timeout, gdb=gdb)
+        result = m.run(image, backend=args.backend, timeout=args.timeout, gdb=gdb, cmdline=args.cmdline,
+                       initrd=args.initrd)
         if recorder is not None:
             recorder.close()
     except OSError as e:                 # the trace's disk filled up (or went away) during the run
@@ -148,6 +151,32 @@ def cmd_run(args) -> int:
     elif result.reason != "exit":
         print(f"vmm: {result.message}", file=sys.stderr)
     return result.status
+
+
+def _wire_stdin(m) -> None:
+    """Standard input goes to the board's console UART (the first device that takes ``feed``), so
+    ``console=ttyS0`` gives a shell; a thread pumps it until EOF. While it can still come, a guest
+    that halts with interrupts enabled waits for it instead of ending the run."""
+    import threading
+
+    uart = next((d for d in m.devices.values() if callable(getattr(d, "feed", None))), None)
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, ValueError, OSError):
+        return
+    if uart is None:
+        return
+    uart.expect_input = True
+
+    def pump() -> None:
+        try:
+            while data := os.read(fd, 4096):
+                uart.feed(data)
+        except OSError:
+            pass
+        uart.expect_input = False
+        uart.feed(b"")                    # wake a waiting CPU, which now sees no input can come
+    threading.Thread(target=pump, name="vmm-stdin", daemon=True).start()
 
 
 def cmd_replay(args) -> int:
@@ -192,8 +221,12 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="boot a PVH payload (default: demo)", epilog=RUN_STATUSES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("image", nargs="?", default=None,
-                   help=f"ELF path or built payload name ({', '.join(available_images()) or 'none built'})")
+                   help=f"ELF or bzImage path, or built payload name ({', '.join(available_images()) or 'none built'})")
     r.add_argument("--backend", choices=["auto", "kvm", "emulated"], default="auto")
+    r.add_argument("--cmdline", default="", metavar="STR",
+                   help="the kernel command line, handed over in hvm_start_info (e.g. \"console=ttyS0\")")
+    r.add_argument("--initrd", default=None, metavar="FILE",
+                   help="an initramfs, handed over as hvm_start_info module 0")
     r.add_argument("--board", default="rcar-virt")
     r.add_argument("--p2m", choices=["direct", "scattered"], default=None)
     r.add_argument("--ram", default=None, help="guest RAM size, e.g. 256M")

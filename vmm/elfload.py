@@ -12,6 +12,7 @@ sparse file costs a few reads.
 """
 from __future__ import annotations
 
+import io
 import os
 import stat
 import struct
@@ -19,10 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from vmm.bzimage import SETUP_HEAD, BzImageError, extract_vmlinux, is_bzimage
+
 XEN_ELFNOTE_PHYS32_ENTRY = 18
 START_INFO_MAGIC = 0x336EC578
 START_INFO_ADDR = 0x6000
 MEMMAP_ADDR = 0x7000
+MODLIST_ADDR = 0x6040                # hvm_modlist_entry[] (32 bytes each), after the 56-byte start_info
+CMDLINE_ADDR = 0x8000
+CMDLINE_MAX = 2048                   # Linux's x86 COMMAND_LINE_SIZE, with the NUL
+PAGE_SIZE = 4096
 LOW_LIMIT = 1 << 20
 E820_RAM = 1
 MAX_NOTES = 64 << 10                 # bytes of note segments/sections read looking for the PVH note
@@ -53,9 +60,11 @@ class Image:
     entry: int                       # PVH 32-bit physical entry point
     elf_entry: int
     segments: list[Segment] = field(default_factory=list)
+    container: str = ""              # "bzImage (lz4)" when the ELF came out of a bzImage
 
     def describe(self) -> str:
-        lines = [f"{self.path}: ELF64 x86-64, PVH entry {self.entry:#x} (e_entry {self.elf_entry:#x})"]
+        inside = f"{self.container} holding " if self.container else ""
+        lines = [f"{self.path}: {inside}ELF64 x86-64, PVH entry {self.entry:#x} (e_entry {self.elf_entry:#x})"]
         for s in self.segments:
             lines.append(f"  LOAD {s.paddr:#010x}-{s.paddr + s.memsz:#010x} "
                          f"({len(s.data):#x} bytes from file, {s.memsz:#x} in memory)")
@@ -139,9 +148,25 @@ def load_image(path: str | Path, ram_ranges: list[tuple[int, int]]) -> Image:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise ImageError(f"{path}: not a regular file")
-            return _load(_Reader(f, path, st.st_size), ram_ranges)
+            r = _Reader(f, path, st.st_size)
+            head = f.read(SETUP_HEAD)
+            f.seek(0)
+            if head[:4] != b"\x7fELF" and is_bzimage(head):
+                return _load_bzimage(r, head, ram_ranges)
+            return _load(r, ram_ranges)
     except OSError as e:
         raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _load_bzimage(r: _Reader, head: bytes, ram_ranges: list[tuple[int, int]]) -> Image:
+    """A bzImage: its vmlinux ELF, unpacked in memory (bounded), is checked like any payload."""
+    try:
+        elf, kind = extract_vmlinux(r, head, r.size)
+    except BzImageError as e:
+        raise ImageError(f"{r.path}: bzImage: {e}") from None
+    image = _load(_Reader(io.BytesIO(elf), f"{r.path} (its vmlinux)", len(elf)), ram_ranges)
+    image.path, image.container = r.path, f"bzImage ({kind})"
+    return image
 
 
 def _load(r: _Reader, ram_ranges: list[tuple[int, int]]) -> Image:
@@ -204,13 +229,62 @@ def _load(r: _Reader, ram_ranges: list[tuple[int, int]]) -> Image:
     return image
 
 
-def place(image: Image, write, ram_ranges: list[tuple[int, int]]) -> int:
-    """Copy the segments into guest RAM and build hvm_start_info; returns its address (EBX)."""
+def read_initrd(path: str | Path, limit: int) -> bytes:
+    """An initrd (or any boot module) file, refused with one line when it is not a regular file or
+    is larger than ``limit`` bytes (the guest RAM that could hold it), before it is read."""
+    path = str(path)
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ImageError(f"--initrd {path}: not a regular file")
+            if st.st_size > limit:
+                raise ImageError(f"--initrd {path}: {st.st_size:#x} bytes do not fit in guest RAM ({limit:#x} bytes)")
+            return f.read(st.st_size)
+    except OSError as e:
+        raise ImageError(f"--initrd {path}: cannot read ({e.strerror or e})") from None
+
+
+def _module_slots(image: Image, sizes: list[int], ram_ranges: list[tuple[int, int]]) -> list[int]:
+    """Where each module goes: page-aligned, from the top of the RAM below 4 GiB downwards, above the
+    payload's segments (where a kernel's early allocations do not reach them)."""
+    top = max(start + size for start, size in ram_ranges if start < 1 << 32)
+    top = min(top, 1 << 32)
+    floor = max(s.paddr + s.memsz for s in image.segments)
+    slots = []
+    for n in sizes:
+        at = (top - n) & ~(PAGE_SIZE - 1)
+        if at < floor or not any(s <= at and at + n <= s + z for s, z in ram_ranges):
+            raise ImageError(f"initrd of {n:#x} bytes does not fit in guest RAM between the kernel's end "
+                             f"{floor:#x} and {top:#x} (give more --ram)")
+        slots.append(at)
+        top = at
+    return slots
+
+
+def place(image: Image, write, ram_ranges: list[tuple[int, int]], cmdline: str = "",
+          modules: list[bytes] = ()) -> int:
+    """Copy the segments into guest RAM and build hvm_start_info with the memory map, the command
+    line and the module list (an initrd is module 0, as Linux's PVH entry reads it); returns its
+    address (EBX)."""
+    raw = cmdline.encode("ascii", "replace")
+    if len(raw) >= CMDLINE_MAX or b"\0" in raw:
+        raise ImageError(f"--cmdline: {len(raw)} bytes; a command line holds at most {CMDLINE_MAX - 1} "
+                         "characters and no NUL")
+    slots = _module_slots(image, [len(m) for m in modules], ram_ranges) if modules else []
     for s in image.segments:
         write(s.paddr, s.data + bytes(s.memsz - len(s.data)))
     memmap = b"".join(struct.pack("<QQII", start, size, E820_RAM, 0) for start, size in ram_ranges)
     write(MEMMAP_ADDR, memmap)
-    info = struct.pack("<IIIIQQQQII", START_INFO_MAGIC, 1, 0, 0, 0, 0, 0, MEMMAP_ADDR, len(ram_ranges), 0)
+    write(CMDLINE_ADDR, raw + b"\0")
+    modlist = b""
+    for at, data in zip(slots, modules, strict=True):
+        write(at, data)
+        modlist += struct.pack("<QQQQ", at, len(data), 0, 0)
+    if modlist:
+        write(MODLIST_ADDR, modlist)
+    info = struct.pack("<IIIIQQQQII", START_INFO_MAGIC, 1, 0, len(modules), MODLIST_ADDR if modules else 0,
+                       CMDLINE_ADDR if raw else 0, 0, MEMMAP_ADDR, len(ram_ranges), 0)
     write(START_INFO_ADDR, info)
     return START_INFO_ADDR
 

@@ -252,7 +252,7 @@ class Machine:
             dtype = boards.device_type(where, spec["type"], spec["name"])
             try:
                 dev, size = dtype.build(ctx, spec)
-                self.mmio.add(spec["base"], size, dev, spec["name"])
+                (self.pio if spec.get("bus") == "pio" else self.mmio).add(spec["base"], size, dev, spec["name"])
             except BusError as e:
                 raise boards.BoardError(f"{where}: {e}") from None
             except KeyError as e:
@@ -414,19 +414,18 @@ class Machine:
         return self.mmio_read(base + off("STATUS"), 4), self.mmio_read(base + off("FAULT_ADDR"), 8)
 
     # -- jobs -------------------------------------------------------------------------------
-    def run(self, image: str | None = None, backend: str = "auto", timeout: float = 10.0, gdb=None):
-        """Boot a payload (under a ``vmm.gdbstub.GdbServer`` when ``gdb`` is given). A machine runs
-        once: its RAM, devices and P2M carry the first run's state, so a second run would not start
-        from a reset machine; build a new one."""
+    def run(self, image: str | None = None, backend: str = "auto", timeout: float = 10.0, **boot):
+        """Boot a payload. ``boot`` is what ``vmm.runner.run_image`` takes besides: ``cmdline`` and
+        ``initrd`` (a bzImage's command line and initramfs), ``gdb`` (a ``vmm.gdbstub.GdbServer`` to
+        run under). A machine runs once: its RAM, devices and P2M carry the first run's state, so a
+        second run would not start from a reset machine; build a new one."""
         if self._closed:
             raise MachineError("this machine is closed")
         if self._ran:
             raise MachineError("this machine already ran a payload; build a new Machine for the next run")
         self._ran = True
         from vmm.runner import run_image
-        if gdb is not None:
-            return run_image(self, image, backend=backend, timeout=timeout, gdb=gdb)
-        return run_image(self, image, backend=backend, timeout=timeout)
+        return run_image(self, image, backend=backend, timeout=timeout, **boot)
 
     def replay(self, trace: str):
         from vmm.trace import replay_file

@@ -89,7 +89,8 @@ def _is(value: Any, kind: type) -> bool:
 COMMON_KEYS = (
     Key("type", str, doc="the registered device type"),
     Key("name", str, doc="unique on the board"),
-    Key("base", int, doc="MMIO base address"),
+    Key("base", int, doc="MMIO base address (a port number on the port bus)"),
+    Key("bus", str, "mmio", "the bus the window sits on", choices=("mmio", "pio")),
 )
 MASTER_KEYS = (
     Key("iommu", str, None, "the IOMMU device the master's DMA goes through (absent: the board's "

@@ -5,7 +5,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from vmm.backends import BackendUnavailable, CpuBackend, RunResult
-from vmm.elfload import load_image, place
+from vmm.elfload import load_image, place, read_initrd
 from vmm.images import find_image
 
 if TYPE_CHECKING:
@@ -41,12 +41,14 @@ def choose_backend(name: str, debug: bool = False) -> type[CpuBackend]:
 
 
 def run_image(machine, image: str | None, backend: str = "auto", timeout: float = 10.0,
-              gdb: GdbServer | None = None) -> RunResult:
-    """Load and run ``image``; with ``gdb`` (a listening vmm.gdbstub.GdbServer) the guest runs
-    under its stub, which takes the socket over and closes it."""
+              gdb: GdbServer | None = None, cmdline: str = "", initrd: str | None = None) -> RunResult:
+    """Load ``image`` (a PVH ELF or a bzImage), hand it ``cmdline`` and the ``initrd`` file (module 0)
+    through hvm_start_info, and run it on ``backend``; with ``gdb`` (a listening
+    vmm.gdbstub.GdbServer) the guest runs under its stub, which takes the socket over and closes it."""
     dom = machine.dom0
     img = load_image(find_image(image), dom.ram_ranges)
-    start_info = place(img, dom.write, dom.ram_ranges)
+    modules = [read_initrd(initrd, dom.ram_size)] if initrd is not None else []
+    start_info = place(img, dom.write, dom.ram_ranges, cmdline=cmdline, modules=modules)
     cls = choose_backend(backend, debug=gdb is not None)
     # An access observer such as vmm.trace.Recorder may need the pages the CPU writes (dirty
     # tracking, off otherwise because it slows the guest) and a last look at them before the CPU goes.

@@ -29,6 +29,10 @@ class BuildContext:
     def irq(self, number: int) -> IrqLine:
         return self.machine.irqs.line(number)
 
+    def console(self):
+        """The machine's console stream (a callable taking bytes), for a UART's transmitter."""
+        return self.machine._console_out
+
     def domain(self, name: str = "dom0") -> Domain:
         return self.machine.domains[name]
 

@@ -1,9 +1,12 @@
 """The emulated CPU under a debugger (vmm/gdbstub.py): registers, breakpoints, single steps.
 
-Breakpoints are unicorn code hooks bound to one address each, so code elsewhere runs without a
-callback; a step is ``emu_start(count=1)``. Unicorn keeps translated blocks across runs and only
-generates hook calls when it translates, so its block cache is flushed whenever the hooks change
-(a breakpoint set or cleared, stepping on or off) and after the debugger writes guest memory.
+Breakpoints are one unicorn code hook over every address, added when the first breakpoint is set
+and kept for the rest of the run: unicorn 2.1.4 re-translates an address when a hook bound to it
+is deleted, from whatever mode the CPU is in, and the page fault that can raise reaches the guest
+through its IDT (vmm/backends/x86cpu.py), so hooks are never deleted. A step is
+``emu_start(count=1)``. Unicorn keeps translated blocks across runs and only generates hook calls
+when it translates, so its block cache is flushed when the hook arrives, when stepping starts or
+stops, and after the debugger writes guest memory.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ class EmulatedDebug:
     """Mixed into EmulatedBackend, whose ``uc``, ``_route``, ``_enter_pvh`` and ``_emulate`` it uses."""
 
     def _debug_init(self) -> None:
-        self._bp_hooks: dict[int, int] = {}      # guest-virtual address -> unicorn hook handle
+        self._bp_hook: int | None = None         # the one code hook, once a breakpoint was set
+        self._bps: frozenset[int] = frozenset()  # guest-virtual addresses it stops at
         self._bp_hit: int | None = None
         self._interrupted = False                # set from the stub's socket thread
         self._stepped = False                    # the cached blocks carry the step counter's hook
@@ -57,12 +61,11 @@ class EmulatedDebug:
         if self._interrupted:
             self._interrupted = False
             return DebugStop("interrupt")
-        wanted = set(breakpoints) | set(hw)
-        changed = wanted != set(self._bp_hooks)
-        for addr in set(self._bp_hooks) - wanted:
-            uc.hook_del(self._bp_hooks.pop(addr))
-        for addr in wanted - set(self._bp_hooks):
-            self._bp_hooks[addr] = uc.hook_add(UC_HOOK_CODE, self._breakpoint, None, addr, addr)
+        self._bps = frozenset(breakpoints) | frozenset(hw)
+        changed = False
+        if self._bps and self._bp_hook is None:
+            self._bp_hook = uc.hook_add(UC_HOOK_CODE, self._breakpoint, None, 1, 0)
+            changed = True
         if changed or step or self._stepped:
             uc.ctl_flush_tb()
         self._stepped = step
@@ -81,8 +84,9 @@ class EmulatedDebug:
         return self._emulate(start, timeout, count=1 if step else 0, debug=why)
 
     def _breakpoint(self, uc, address: int, size: int, user_data) -> None:
-        self._bp_hit = address
-        uc.emu_stop()               # before the instruction at address runs
+        if address in self._bps:
+            self._bp_hit = address
+            uc.emu_stop()           # before the instruction at address runs
 
     def _ran_hlt(self, start: int) -> bool:
         """Whether the one instruction stepped from ``start`` was HLT (unicorn stops after it)."""

@@ -1,8 +1,7 @@
-"""The emulated backend: unicorn x86-64, started in 32-bit mode at the PVH entry.
+"""The emulated backend: unicorn x86-64 (64-bit mode), entered in the PVH 32-bit state.
 
-The unicorn instance is made in UC_MODE_64 and reset to 32-bit protected mode (EFER.LMA clear, a
-32-bit CS): a UC_MODE_32 instance keeps running once the guest switches to long mode, but its
-register API answers only the 32-bit registers, and a debugger (vmm/gdbstub.py) needs all 64 bits.
+Exceptions, INT n, SYSCALL and CPUID are completed by vmm/backends/x86cpu.py, from QEMU's own code
+inside libunicorn, so the guest's IDT, stacks and privilege changes work as on hardware.
 
 Unicorn splits an 8-byte MMIO access into two 4-byte callbacks while KVM delivers one 8-byte
 exit, but its memory hook sees every access whole, before it happens. So the pages of bus
@@ -21,12 +20,15 @@ import ctypes
 import itertools
 import mmap
 import struct
+import time
 from collections.abc import Callable
 
 from unicorn import (
     UC_ARCH_X86,
+    UC_ERR_FETCH_UNMAPPED,
+    UC_ERR_READ_UNMAPPED,
+    UC_ERR_WRITE_UNMAPPED,
     UC_HOOK_INSN,
-    UC_HOOK_INTR,
     UC_HOOK_MEM_READ,
     UC_HOOK_MEM_WRITE,
     UC_MODE_64,
@@ -43,23 +45,18 @@ from unicorn.x86_const import (
     UC_X86_REG_CR0,
     UC_X86_REG_CR3,
     UC_X86_REG_CR4,
-    UC_X86_REG_CS,
-    UC_X86_REG_DS,
     UC_X86_REG_EBX,
     UC_X86_REG_EFLAGS,
-    UC_X86_REG_ES,
-    UC_X86_REG_FS,
-    UC_X86_REG_GDTR,
-    UC_X86_REG_GS,
-    UC_X86_REG_IDTR,
     UC_X86_REG_MSR,
     UC_X86_REG_RIP,
     UC_X86_REG_RSP,
-    UC_X86_REG_SS,
+    UC_X86_REG_TR,
 )
 
 from vmm.backends import EXIT_CRASHED, EXIT_HALTED, EXIT_TIMEOUT, DebugStop, RunResult, load_compiled
 from vmm.backends.emu_debug import EmulatedDebug
+from vmm.backends.irqloop import InterruptSources
+from vmm.backends.x86cpu import X86Cpu
 from vmm.memory import PAGE
 
 _ex = load_compiled("_emu")
@@ -71,6 +68,7 @@ BOOT_GDT = 0x5000        # below hvm_start_info; the payload loads its own GDT a
 PHYS_LIMIT = 1 << 40        # unclaimed accesses anywhere below read 0, as on KVM
 ADDR_MASK = 0x000FFFFFFFFFF000     # physical address bits of a page-table entry
 _U64 = (1 << 64) - 1
+_UNMAPPED = (UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED, UC_ERR_FETCH_UNMAPPED)
 # What the C hook calls, by slot: a machine's mmio_read/mmio_write, or one device's read/write.
 _reads: dict[int, Callable[[int, int], int]] = {}
 _writes: dict[int, Callable[[int, int, int], None]] = {}
@@ -124,25 +122,15 @@ def _gaps(taken: list[tuple[int, int]], limit: int = PHYS_LIMIT) -> list[tuple[i
     return gaps
 
 
-MSR_EFER = 0xC0000080
-
-
 class EmulatedBackend(EmulatedDebug):
     name = "emulated"
 
     def __init__(self, machine, track_dirty: bool = False) -> None:
         self.machine = machine
         uc = self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
-        # Out of the long mode a UC_MODE_64 instance starts in: EFER.LME off, then a paging toggle,
-        # which is what clears EFER.LMA (wrmsr cannot); _enter_pvh then loads a 32-bit CS.
-        uc.reg_write(UC_X86_REG_MSR, (MSR_EFER, 0))
-        uc.reg_write(UC_X86_REG_CR0, 0x80000011)
-        uc.reg_write(UC_X86_REG_CR0, 0x11)
-        uc.reg_write(UC_X86_REG_CR4, 0)
         ram = [(r.gpa, r.size) for r in machine.dom0.ram.ranges]
         for r in machine.dom0.ram.ranges:
             uc.mem_map_ptr(r.gpa, r.size, UC_PROT_ALL, r.host)
-        self.exception: int | None = None
         self._hook_error: BaseException | None = None
         self._cfuncs: list = []     # keep the ctypes trampolines alive (dirty tracking)
         devices = [s for s in _page_cover([(start, size) for start, size, _ in machine.mmio.ranges()])
@@ -152,11 +140,9 @@ class EmulatedBackend(EmulatedDebug):
         for base, size in devices:
             backing = mmap.mmap(-1, size)
             self._backing.append(backing)
-            host = ctypes.addressof(ctypes.c_char.from_buffer(backing))
-            uc.mem_map_ptr(base, size, UC_PROT_READ | UC_PROT_WRITE, host)
-            windows.append((base, size, host))
-        gaps = _gaps(sorted(ram + devices))
-        windows = sorted(windows + [(base, size, 0) for base, size in gaps])
+            windows.append((base, size, ctypes.addressof(ctypes.c_char.from_buffer(backing))))
+        self._gaps = _gaps(sorted(ram + devices))
+        windows = sorted(windows + [(base, size, 0) for base, size in self._gaps])
         self._map = _ex.ffi.new("struct ex_map *", {"w": len(windows)})
         self._map.n = len(windows)
         self._slot_list: list[int] = []
@@ -164,17 +150,22 @@ class EmulatedBackend(EmulatedDebug):
         self._map.slot = self._new_slot(None, None)
         for w, (base, size, host) in zip(self._map.w, windows, strict=True):
             w.start, w.end, w.backing = base, base + size, _ex.ffi.cast("uint8_t *", host)
-        map_addr = int(_ex.ffi.cast("uintptr_t", self._map))
-        for base, size in gaps:
-            err = uclib.uc_mmio_map(uc._uch, base, size, _GAP_READ, map_addr, _GAP_WRITE, map_addr)
-            if err:
-                raise UcError(err)
-        if windows:
-            self._raw_mem_hook(_MEM_HOOK, windows[0][0], windows[-1][0] + windows[-1][1] - 1, map_addr)
+        self._windows = windows
+        self._devices_mapped = False
+        if track_dirty or machine.observers:
+            self._map_devices()
         self._route()
         uc.hook_add(UC_HOOK_INSN, self._in, None, 1, 0, UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, UC_X86_INS_OUT)
-        uc.hook_add(UC_HOOK_INTR, self._intr)
+        self.x86 = X86Cpu(uc)
+        # No `until` address: unicorn 2.1.4 looks one up through the guest's page tables at every
+        # start, and the page fault that raises sets CR2 and QEMU's double-fault state behind the
+        # guest's back (tests/test_x86cpu.py). Runs end by emu_stop only.
+        uc.ctl_exits_enabled(True)
+        uc.ctl_set_exits([])
+        self.irq = InterruptSources(machine, uc.emu_stop)
+        if self.irq.active:
+            self.x86.enable_interrupts()
         machine.on_stop.append(self._stop)
         # Only while a trace is recorded: a Python callback on every guest store is slow.
         self._dirty: set[int] = set()       # page numbers (gpa >> 12) stored to since dirty_pages()
@@ -215,7 +206,7 @@ class EmulatedBackend(EmulatedDebug):
 
     def _table_pages(self) -> set[int]:
         uc = self.uc
-        if not uc.reg_read(UC_X86_REG_CR0) & (1 << 31) or not uc.reg_read(UC_X86_REG_MSR, MSR_EFER) & (1 << 10):
+        if not uc.reg_read(UC_X86_REG_CR0) & (1 << 31) or not uc.reg_read(UC_X86_REG_MSR, 0xC0000080) & (1 << 10):
             return set()                    # paging off, or not long mode (the payloads' start code only)
         cr3 = uc.reg_read(UC_X86_REG_CR3) & ADDR_MASK
         if cr3 != self._tables_cr3:
@@ -238,6 +229,7 @@ class EmulatedBackend(EmulatedDebug):
                 self._walk_tables(e & ADDR_MASK, level - 1)
 
     def close(self) -> None:
+        self.irq.close()
         if self._stop in self.machine.on_stop:
             self.machine.on_stop.remove(self._stop)
         for slot in self._slot_list:
@@ -245,6 +237,46 @@ class EmulatedBackend(EmulatedDebug):
             _writes.pop(slot, None)
             _owners.pop(slot, None)
         self._slot_list = []
+
+    # -- device windows, mapped at the first access --------------------------------------------
+    def _map_devices(self) -> None:
+        """Map the device pages and the gaps and register the memory hook that dispatches them.
+
+        Any unicorn memory hook sends every guest load and store through its slow path (a
+        helper call instead of the inlined TLB hit: a kernel runs about half as fast). So until the
+        guest first touches a device page or a gap -- which unicorn then reports as an unmapped
+        access, with RIP back on that instruction (``_start``) -- only RAM is mapped and no hook
+        is there; the access is then retried with everything in place and the run stays so."""
+        if self._devices_mapped:
+            return
+        uc = self.uc
+        self._devices_mapped = True
+        map_addr = int(_ex.ffi.cast("uintptr_t", self._map))
+        for base, size, host in self._windows:
+            if host:
+                uc.mem_map_ptr(base, size, UC_PROT_READ | UC_PROT_WRITE, host)
+        for base, size in self._gaps:
+            err = uclib.uc_mmio_map(uc._uch, base, size, _GAP_READ, map_addr, _GAP_WRITE, map_addr)
+            if err:
+                raise UcError(err)
+        w = self._windows
+        if w:
+            self._raw_mem_hook(_MEM_HOOK, w[0][0], w[-1][0] + w[-1][1] - 1, map_addr)
+        uc.ctl_flush_tb()                   # blocks translated before have the fast path inlined
+
+    def _start(self, begin: int, timeout_us: int = 0, count: int = 0) -> None:
+        """``emu_start`` from ``begin`` (at most ``count`` instructions when given); an access to an
+        unmapped device page or gap maps them all (``_map_devices``) and runs on from the
+        instruction that made it."""
+        while True:
+            try:
+                self.uc.emu_start(begin, 0xFFFFFFFFFFFFFFFF, timeout=timeout_us, count=count)
+                return
+            except UcError as e:
+                if self._devices_mapped or e.errno not in _UNMAPPED:
+                    raise
+                self._map_devices()
+                begin = self.uc.reg_read(UC_X86_REG_RIP)
 
     # -- hooks ------------------------------------------------------------------------------
     def _new_slot(self, read, write) -> int:
@@ -298,10 +330,6 @@ class EmulatedBackend(EmulatedDebug):
     def _out(self, uc, port, size, value, ud):
         self.machine.pio_write(port, size, value)
 
-    def _intr(self, uc, intno, ud):
-        self.exception = intno
-        uc.emu_stop()
-
     def _stop(self) -> None:
         self.uc.emu_stop()
 
@@ -310,67 +338,146 @@ class EmulatedBackend(EmulatedDebug):
         uc, m = self.uc, self.machine
         gdt = struct.pack("<QQQ", 0, 0x00CF9B000000FFFF, 0x00CF93000000FFFF)
         m.write_guest(BOOT_GDT, gdt)
-        uc.reg_write(UC_X86_REG_GDTR, (0, BOOT_GDT, len(gdt) - 1, 0))
-        uc.reg_write(UC_X86_REG_CS, 0x08)
-        for reg in (UC_X86_REG_DS, UC_X86_REG_ES, UC_X86_REG_FS, UC_X86_REG_GS, UC_X86_REG_SS):
-            uc.reg_write(reg, 0x10)
+        self.x86.enter_protected_mode(BOOT_GDT, len(gdt) - 1, 0x08, 0x10)
+        self.x86.load_flat_32bit(0x08, 0x10)
+        uc.reg_write(UC_X86_REG_TR, (0, 0, 0x67, 0x8B00))      # a 32-bit busy TSS, base 0, limit 0x67
         uc.reg_write(UC_X86_REG_EBX, start_info)
         uc.reg_write(UC_X86_REG_EFLAGS, 2)
 
     def describe_cpu(self) -> str:
         uc = self.uc
         return (f"RIP={uc.reg_read(UC_X86_REG_RIP):#x} RSP={uc.reg_read(UC_X86_REG_RSP):#x} "
+
                 f"CR0={uc.reg_read(UC_X86_REG_CR0):#x} CR3={uc.reg_read(UC_X86_REG_CR3):#x} "
-                f"CR4={uc.reg_read(UC_X86_REG_CR4):#x} EFER={uc.reg_read(UC_X86_REG_MSR, MSR_EFER):#x}")
+                f"CR4={uc.reg_read(UC_X86_REG_CR4):#x} EFER={uc.reg_read(UC_X86_REG_MSR, 0xC0000080):#x}")
 
     def run(self, entry: int, start_info: int, timeout: float) -> RunResult:
         self._route()
         self._enter_pvh(entry, start_info)
-        return self._emulate(entry, timeout)
+        if not self.irq.active:
+            return self._run_plain(entry, timeout)
+        return self._run_with_interrupts(entry, timeout)
 
-    def _emulate(self, begin: int, timeout: float, count: int = 0,
-                 debug: Callable[[], DebugStop | None] | None = None) -> RunResult | DebugStop:
-        """Run from ``begin`` until the guest ends or ``timeout`` seconds pass; under a debugger
-        also until ``count`` instructions ran or a breakpoint or interrupt stopped it, which
-        ``debug`` tells (None: the guest's own doing, decided as without a debugger)."""
-        m = self.machine
+    def _run_plain(self, entry: int, timeout: float) -> RunResult:
+        """A board without an interrupt controller: one slice, as fast as unicorn goes."""
         try:
-            self.uc.emu_start(begin, 0xFFFFFFFFFFFFFFFF, timeout=int(timeout * 1e6) if timeout else 0, count=count)
+            self._start(entry, int(timeout * 1e6) if timeout else 0)
             if self._hook_error is not None:
                 raise self._hook_error
         except UcError as e:
-            if m.stop_status is not None:
-                return RunResult(m.stop_status, "exit", self.name)
-            return RunResult(EXIT_CRASHED, "error", self.name, f"emulator stopped: {e} ({self.describe_cpu()})")
-        if m.stop_status is not None:
-            return RunResult(m.stop_status, "exit", self.name)
-        if self.exception is not None:
-            return self._exception()
+            return self._emulator_error(e)
+        done = self._finished()
+        if done is not None:
+            return done
+        rip = self.uc.reg_read(UC_X86_REG_RIP)
+        if self._halted_at(rip):
+            return self._halt_result()
+        return self._timeout_result(timeout)
+
+    def _emulate(self, begin: int, timeout: float, count: int = 0,
+                 debug: Callable[[], DebugStop | None] | None = None) -> RunResult | DebugStop:
+        """Run under a debugger (vmm/backends/emu_debug.py): from ``begin`` until the guest ends,
+        ``timeout`` seconds pass, or a breakpoint or interrupt stopped it, which ``debug`` tells
+        (None: the guest's own doing); with the board's interrupt controller and timers serviced as
+        without a debugger. A single step (``count``) runs one instruction and services nothing."""
+        if self.irq.active and not count:
+            return self._run_with_interrupts(begin, timeout, debug)
+        if self.irq.active:
+            self.irq.arm_alarm(None)        # no slice alarm may stop the one instruction
+        try:
+            self._start(begin, int(timeout * 1e6) if timeout else 0, count)
+            if self._hook_error is not None:
+                raise self._hook_error
+        except UcError as e:
+            return self._emulator_error(e)
+        done = self._finished()
+        if done is not None:
+            return done
         stop = debug() if debug is not None else None
         if stop is not None:
             return stop
-        rip = self.uc.reg_read(UC_X86_REG_RIP)
-        if self._halted_at(rip):
-            iflag = self.uc.reg_read(UC_X86_REG_EFLAGS) & (1 << 9)
-            why = "with interrupts off" if not iflag else "waiting for an interrupt that never comes"
-            return RunResult(EXIT_HALTED, "halt", self.name,
-                             f"guest halted {why} without writing the debug-exit port ({self.describe_cpu()})")
+        if self._halted_at(self.uc.reg_read(UC_X86_REG_RIP)):
+            return self._halt_result()
+        return self._timeout_result(timeout)
+
+    def _finished(self) -> RunResult | None:
+        """The run's end when the guest wrote the exit port or triple-faulted."""
+        if self.machine.stop_status is not None:
+            return RunResult(self.machine.stop_status, "exit", self.name)
+        if self.x86.delivering == 8:
+            return RunResult(EXIT_CRASHED, "triple-fault", self.name, "guest triple-faulted: a fault while "
+                             f"delivering a double fault ({self.describe_cpu()})")
+        return None
+
+    def _emulator_error(self, e: UcError) -> RunResult:
+        if self.machine.stop_status is not None:
+            return RunResult(self.machine.stop_status, "exit", self.name)
+        return RunResult(EXIT_CRASHED, "error", self.name, f"emulator stopped: {e} ({self.describe_cpu()})")
+
+    def _halt_result(self) -> RunResult:
+        iflag = self.uc.reg_read(UC_X86_REG_EFLAGS) & (1 << 9)
+        why = "with interrupts off" if not iflag else "waiting for an interrupt that never comes"
+        return RunResult(EXIT_HALTED, "halt", self.name,
+                         f"guest halted {why} without writing the debug-exit port ({self.describe_cpu()})")
+
+    def _timeout_result(self, timeout: float) -> RunResult:
         return RunResult(EXIT_TIMEOUT, "timeout", self.name,
                          f"guest still running after {timeout:g} s; stopped ({self.describe_cpu()})")
+
+    # -- running with the board's interrupt controller and timers ------------------------------
+    def _run_with_interrupts(self, entry: int, timeout: float,
+                             debug: Callable[[], DebugStop | None] | None = None) -> RunResult | DebugStop:
+        """Slices between safe points (vmm/backends/irqloop.py): at each, timers and input are
+        serviced and an interrupt the controller raises is armed for the first instruction of the
+        next slice, which takes it if IF and no STI/MOV SS shadow forbid (x86cpu.X86Cpu)."""
+        uc, irq, x86 = self.uc, self.irq, self.x86
+        end = time.monotonic_ns() + int(timeout * 1e9) if timeout else None
+        rip = entry
+        try:
+            while True:
+                irq.service()
+                if x86.armed is None:
+                    vector = irq.vector()
+                    if vector is not None:
+                        x86.arm_interrupt(vector)
+                if x86.armed is not None and irq.pending():
+                    x86.stop_after_delivery()           # a safe point to take the next one
+                irq.arm_alarm(irq.slice_end(end))
+                stops = x86.c.stops
+                try:
+                    self._start(rip)
+                    if self._hook_error is not None:
+                        raise self._hook_error
+                except UcError as e:
+                    return self._emulator_error(e)
+                done = self._finished()
+                if done is not None:
+                    return done
+                if debug is not None:
+                    stop = debug()
+                    if stop is not None:
+                        return stop
+                rip = uc.reg_read(UC_X86_REG_RIP)
+                now = time.monotonic_ns()
+                if end is not None and now >= end:
+                    return self._timeout_result(timeout)
+                if irq.stopped or x86.c.stops != stops:
+                    continue
+                # the CPU stopped by itself: HLT
+                if not uc.reg_read(UC_X86_REG_EFLAGS) & (1 << 9):
+                    return self._halt_result()
+                if irq.next_event() is None and x86.armed is None and not irq.pending() \
+                        and not irq.expecting_input():
+                    return self._halt_result()
+                if x86.armed is not None:
+                    continue                            # taken once the CPU runs on
+                irq.wait(min(x for x in (end, irq.next_event()) if x is not None)
+                         if end is not None or irq.next_event() is not None else None)
+        finally:
+            irq.arm_alarm(None)
 
     def _halted_at(self, rip: int) -> bool:
         try:
             return self.uc.mem_read(rip - 1, 1) == b"\xf4"
         except UcError:
             return False
-
-    def _exception(self) -> RunResult:
-        """Unicorn stops on a CPU exception instead of delivering it. Decide what real hardware
-        would have done: a vector the IDT cannot deliver escalates to a triple fault."""
-        vec = self.exception
-        _, idt_base, idt_limit, _ = self.uc.reg_read(UC_X86_REG_IDTR)
-        cpu = self.describe_cpu()
-        if vec * 16 + 15 > idt_limit:
-            return RunResult(EXIT_CRASHED, "triple-fault", self.name, f"guest triple-faulted: exception {vec} "
-                             f"with no IDT entry (IDT limit {idt_limit:#x}) ({cpu})")
-        return RunResult(EXIT_CRASHED, "error", self.name, f"guest took CPU exception {vec} ({cpu})")
