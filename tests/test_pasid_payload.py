@@ -2,33 +2,14 @@
 section. KVM cases skip with the reason when /dev/kvm is not usable."""
 from __future__ import annotations
 
-import shutil
-import subprocess
-from pathlib import Path
-
 import pytest
-from support import BACKENDS
-
-from vmm.machine import Machine
-
-GUESTS = Path(__file__).resolve().parent.parent / "guest_images"
+from support import BACKENDS, ensure_payloads
+from support import run_payload as run
 
 
 @pytest.fixture(scope="module", autouse=True)
 def built():
-    if shutil.which("make") and shutil.which("gcc"):
-        subprocess.run(["make", "-s", "-C", str(GUESTS), "out/virtio_iommu_pasid.elf", "out/demo.elf"], check=True)
-    for name in ("virtio_iommu_pasid", "demo"):
-        if not (GUESTS / "out" / f"{name}.elf").is_file():
-            pytest.skip(f"{name}.elf not built and no toolchain to build it")
-
-
-def run(image: str, backend: str, p2m: str = "direct"):
-    m = Machine.from_board("rcar-virt", p2m=p2m)
-    try:
-        return m.run(image, backend=backend, timeout=60)
-    finally:
-        m.close()
+    ensure_payloads("virtio_iommu_pasid", "demo")
 
 
 @pytest.mark.parametrize("p2m", ["direct", "scattered"])

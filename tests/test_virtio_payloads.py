@@ -3,15 +3,13 @@ demo section, and the bench payload (checks only; figures come from bench/virtio
 KVM cases skip with the reason when /dev/kvm is not usable."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from support import BACKENDS
-
-from vmm.machine import Machine
+from support import BACKENDS, ensure_payloads
+from support import run_payload as run
 
 ROOT = Path(__file__).resolve().parent.parent
 GUESTS = ROOT / "guest_images"
@@ -19,21 +17,7 @@ GUESTS = ROOT / "guest_images"
 
 @pytest.fixture(scope="module", autouse=True)
 def built():
-    """Build the payloads when a toolchain is there (a no-op when they are up to date)."""
-    if shutil.which("make") and shutil.which("gcc"):
-        subprocess.run(["make", "-s", "-C", str(GUESTS), "out/virtio_iommu_smoke.elf", "out/demo.elf",
-                        "out/virtio_iommu_bench.elf"], check=True)
-    for name in ("virtio_iommu_smoke", "demo", "virtio_iommu_bench"):
-        if not (GUESTS / "out" / f"{name}.elf").is_file():
-            pytest.skip(f"{name}.elf not built and no toolchain to build it")
-
-
-def run(image: str, backend: str, p2m: str = "direct"):
-    m = Machine.from_board("rcar-virt", p2m=p2m)
-    try:
-        return m.run(image, backend=backend, timeout=60)
-    finally:
-        m.close()
+    ensure_payloads("virtio_iommu_smoke", "demo", "virtio_iommu_bench")
 
 
 @pytest.mark.parametrize("p2m", ["direct", "scattered"])
