@@ -10,15 +10,14 @@ a factory that receives the ``construct`` module::
     def DMA_REGS(cs):
         return cs.Struct("ID" / cs.Int32ul, "_pad" / cs.Padding(4), "SRC" / cs.Int64ul)
 
-and the compiled fields are kept beside the module's byte code (``__pycache__``), keyed by the hash
-of its source, exactly as Python keeps ``.pyc`` files: a process that finds them valid never
+and the compiled fields are kept beside the module's byte code (``__pycache__``), keyed by its source's
+modification time and size, exactly as Python keeps ``.pyc`` files: a process that finds them valid never
 imports ``construct``; one that does not compiles and stores them (unless byte-code writing is
 off). ``.construct`` still gives the full declaration (tests, documentation, ``build``).
 """
 from __future__ import annotations
 
-import hashlib
-import json
+import marshal
 import os
 import struct
 import sys
@@ -28,7 +27,7 @@ from typing import Any
 Field = tuple[str, int, int, str]      # name, offset, size, struct format ("" for padding/bytes)
 
 _CACHES: dict[str, tuple[str, dict[str, list], str | None]] = {}     # module -> (source hash, layouts, file)
-_FORMAT = 1                          # bump when what a cache file holds changes
+_FORMAT = 2                          # bump when what a cache file holds changes
 
 
 def _module_cache(module: str) -> tuple[str, dict[str, list], str | None]:
@@ -39,16 +38,18 @@ def _module_cache(module: str) -> tuple[str, dict[str, list], str | None]:
     source = getattr(mod, "__file__", None)
     digest, layouts, path = "", {}, None
     if source and os.path.isfile(source):
-        with open(source, "rb") as f:
-            digest = hashlib.sha1(f.read()).hexdigest()
+        st = os.stat(source)
+        digest = f"{st.st_mtime_ns}:{st.st_size}"
         folder = os.path.join(os.path.dirname(source), "__pycache__")
-        path = os.path.join(folder, f"{module.rsplit('.', 1)[-1]}.layouts.json")
+        tag = sys.implementation.cache_tag or "py"
+        path = os.path.join(folder, f"{module.rsplit('.', 1)[-1]}.{tag}.layouts")
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-            if data.get("source") == digest and data.get("format") == _FORMAT and isinstance(data.get("layouts"), dict):
+            with open(path, "rb") as f:
+                data = marshal.load(f)
+            if isinstance(data, dict) and data.get("source") == digest and data.get("format") == _FORMAT \
+                    and isinstance(data.get("layouts"), dict):
                 layouts = data["layouts"]
-        except (OSError, ValueError):
+        except (OSError, ValueError, EOFError, TypeError):
             pass
     _CACHES[module] = (digest, layouts, path)
     return _CACHES[module]
@@ -61,8 +62,8 @@ def _store(module: str) -> None:
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"format": _FORMAT, "source": digest, "layouts": layouts}, f)
+        with open(tmp, "wb") as f:
+            marshal.dump({"format": _FORMAT, "source": digest, "layouts": layouts}, f)
         os.replace(tmp, path)
     except OSError:
         pass                                # a read-only install: compile again next time

@@ -2,7 +2,7 @@
 cache valid never imports construct, and an edit of the declaring module recompiles."""
 from __future__ import annotations
 
-import json
+import marshal
 import os
 import subprocess
 import sys
@@ -35,11 +35,12 @@ def test_cache_skips_construct_and_follows_the_source(tmp_path):
             return cs.Struct("a" / cs.Int32ul, "_gap" / cs.Padding(4), "b" / cs.Int64ul, "c" / cs.Bytes(3))
     """))
     fields, size, imported = _run(tmp_path, write_bytecode=False)
-    assert imported and size == 19 and not (tmp_path / "__pycache__" / "mylayouts.layouts.json").exists()
+    assert imported and size == 19 and not list((tmp_path / "__pycache__").glob("mylayouts.*.layouts"))
     assert fields == [("a", 0, 4, "L"), ("_gap", 4, 4, ""), ("b", 8, 8, "Q"), ("c", 16, 3, "")]
     assert _run(tmp_path)[2] is True                       # compiled and stored
-    cache = json.loads((tmp_path / "__pycache__" / "mylayouts.layouts.json").read_text())
-    assert cache["layouts"]["L"][2] == ["b", 8, 8, "Q"]
+    (cache_file,) = (tmp_path / "__pycache__").glob("mylayouts.*.layouts")
+    cache = marshal.loads(cache_file.read_bytes())
+    assert tuple(cache["layouts"]["L"][2]) == ("b", 8, 8, "Q")
     assert _run(tmp_path) == (fields, 19, False)           # from the cache: no construct import
     mod.write_text(mod.read_text().replace('"b" / cs.Int64ul', '"b" / cs.Int16ul'))
     for pyc in (tmp_path / "__pycache__").glob("mylayouts.*.pyc"):

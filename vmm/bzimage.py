@@ -14,11 +14,8 @@ and decompression stops at ``MAX_VMLINUX`` bytes, so a hostile file costs bounde
 """
 from __future__ import annotations
 
-import bz2
 import io
-import lzma
 import struct
-import zlib
 from typing import Protocol
 
 MAX_VMLINUX = 256 << 20          # an x86-64 distribution vmlinux is 30-70 MiB
@@ -123,6 +120,10 @@ def _zstd(data: bytes, limit: int) -> bytes:
 
 def decompress(data: bytes, limit: int = MAX_VMLINUX) -> tuple[bytes, str]:
     """(the unpacked vmlinux, the format name); more than ``limit`` bytes out is an error."""
+    import bz2  # here, not at import: a PVH payload's run never needs them
+    import lzma
+    import zlib
+
     kind = compression(data)
     try:
         if kind == "gzip":
