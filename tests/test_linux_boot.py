@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,17 @@ def linux_guest():
 
 
 def boot(linux_guest, cmdline: str = CMDLINE, answer: bytes | None = None):
+    """Boot once; a boot that stops by timeout (seen once in many runs of the full suite under load,
+    never in 60 boots alone: an interrupt wake-up race not yet found) is tried once more, and the
+    first attempt is reported as a warning so it stays visible."""
+    r = _boot(linux_guest, cmdline, answer)
+    if r.reason == "timeout":
+        warnings.warn(f"linux boot timed out once and was retried: {r.message}", stacklevel=2)
+        r = _boot(linux_guest, cmdline, answer)
+    return r
+
+
+def _boot(linux_guest, cmdline: str, answer: bytes | None):
     kernel, initrd = linux_guest
     m = Machine.from_board("rcar-virt", quiet=True)
     try:
@@ -45,7 +57,7 @@ def boot(linux_guest, cmdline: str = CMDLINE, answer: bytes | None = None):
                     uart.expect_input = True
                     uart.feed(answer)
             m.console_sinks.append(sink)
-        return m.run(kernel, backend="emulated", timeout=300, cmdline=cmdline, initrd=initrd)
+        return m.run(kernel, backend="emulated", timeout=90, cmdline=cmdline, initrd=initrd)
     finally:
         m.close()
 
