@@ -354,32 +354,15 @@ class EmulatedBackend(EmulatedDebug):
     def run(self, entry: int, start_info: int, timeout: float) -> RunResult:
         self._route()
         self._enter_pvh(entry, start_info)
-        if not self.irq.active:
-            return self._run_plain(entry, timeout)
-        return self._run_with_interrupts(entry, timeout)
-
-    def _run_plain(self, entry: int, timeout: float) -> RunResult:
-        """A board without an interrupt controller: one slice, as fast as unicorn goes."""
-        try:
-            self._start(entry, int(timeout * 1e6) if timeout else 0)
-            if self._hook_error is not None:
-                raise self._hook_error
-        except UcError as e:
-            return self._emulator_error(e)
-        done = self._finished()
-        if done is not None:
-            return done
-        rip = self.uc.reg_read(UC_X86_REG_RIP)
-        if self._halted_at(rip):
-            return self._halt_result()
-        return self._timeout_result(timeout)
+        return self._emulate(entry, timeout)
 
     def _emulate(self, begin: int, timeout: float, count: int = 0,
                  debug: Callable[[], DebugStop | None] | None = None) -> RunResult | DebugStop:
-        """Run under a debugger (vmm/backends/emu_debug.py): from ``begin`` until the guest ends,
-        ``timeout`` seconds pass, or a breakpoint or interrupt stopped it, which ``debug`` tells
-        (None: the guest's own doing); with the board's interrupt controller and timers serviced as
-        without a debugger. A single step (``count``) runs one instruction and services nothing."""
+        """Run from ``begin`` until the guest ends or ``timeout`` seconds pass: on a board without an
+        interrupt controller one slice, as fast as unicorn goes; with one, slices between safe points
+        (``_run_with_interrupts``). Under a debugger (vmm/backends/emu_debug.py) also until a
+        breakpoint or interrupt stopped it, which ``debug`` tells (None: the guest's own doing); a
+        single step (``count``) runs one instruction and services nothing."""
         if self.irq.active and not count:
             return self._run_with_interrupts(begin, timeout, debug)
         if self.irq.active:

@@ -303,19 +303,26 @@ class Walker:
             self._granule.pop(ctx_id, None)
 
     # -- translation -----------------------------------------------------------------------
-    def translate(self, ctx_id: int, addrs: Iterable[int], access: int | Sequence[int]) -> tuple[array, array]:
-        """Translate a batch in one C call; never raises for bad addresses (they fault)."""
+    @staticmethod
+    def _batch(ctx_id: int, addrs: Iterable[int], access: int | Sequence[int]) -> tuple:
+        """The C arguments of a batch: (context id, addresses, access array or NULL, access for all,
+        count, out, fault), the output arrays zeroed; count 0 for an empty batch."""
         a = as_addrs(addrs)
         n = len(a)
         out = array("Q", [0]) * n
         fault = array("I", [0]) * n
+        if n and not isinstance(access, int):
+            accp, acc_all = ffi.from_buffer("uint8_t[]", as_access(access, n)), 0
+        else:
+            accp, acc_all = ffi.NULL, (access & 3) if isinstance(access, int) else 0
+        cid = ctx_id if 0 <= ctx_id < MAX_CONTEXTS else 0xFFFFFFFF
+        return cid, a, accp, acc_all, n, out, fault
+
+    def translate(self, ctx_id: int, addrs: Iterable[int], access: int | Sequence[int]) -> tuple[array, array]:
+        """Translate a batch in one C call; never raises for bad addresses (they fault)."""
+        cid, a, accp, acc_all, n, out, fault = self._batch(ctx_id, addrs, access)
         if n == 0:
             return out, fault
-        if isinstance(access, int):
-            accp, acc_all = ffi.NULL, access & 3
-        else:
-            accp, acc_all = ffi.from_buffer("uint8_t[]", as_access(access, n)), 0
-        cid = ctx_id if 0 <= ctx_id < MAX_CONTEXTS else 0xFFFFFFFF
         lib.wk_translate(self._w, cid, ffi.from_buffer("uint64_t[]", a), accp, acc_all, n,
                          ffi.from_buffer("uint64_t[]", out), ffi.from_buffer("uint32_t[]", fault))
         return out, fault
@@ -411,17 +418,9 @@ class Walker:
     def translate_pasid(self, ctx_id: int, pasid: int, addrs: Iterable[int],
                         access: int | Sequence[int]) -> tuple[array, array]:
         """A batch through one PASID of a table context in one C call (never raises)."""
-        a = as_addrs(addrs)
-        n = len(a)
-        out = array("Q", [0]) * n
-        fault = array("I", [0]) * n
+        cid, a, accp, acc_all, n, out, fault = self._batch(ctx_id, addrs, access)
         if n == 0:
             return out, fault
-        if isinstance(access, int):
-            accp, acc_all = ffi.NULL, access & 3
-        else:
-            accp, acc_all = ffi.from_buffer("uint8_t[]", as_access(access, n)), 0
-        cid = ctx_id if 0 <= ctx_id < MAX_CONTEXTS else 0xFFFFFFFF
         lib.wk_table_translate(self._w, cid, pasid & 0xFFFFFFFF, ffi.from_buffer("uint64_t[]", a), accp, acc_all,
                                n, ffi.from_buffer("uint64_t[]", out), ffi.from_buffer("uint32_t[]", fault))
         return out, fault

@@ -605,6 +605,24 @@ void wk_translate(struct wk_walker *w, uint32_t ctx_id, const uint64_t *addrs, c
  * when more than max_runs runs are needed (the caller retries with room for one run a page).
  * The range is clipped at 2^64 - 1; such addresses fault long before (input sizes <= 48 bits).
  */
+/* Add (machine address, length) to a transfer's runs, merged into the last run when it continues
+ * it; -1 when a new run would exceed max_runs. */
+static inline int append_run(uint64_t *runs, uint64_t *nr, uint64_t max_runs, uint64_t o, uint64_t n)
+{
+    uint64_t k = *nr;
+
+    if (k && runs[2 * k - 2] + runs[2 * k - 1] == o) {
+        runs[2 * k - 1] += n;
+        return 0;
+    }
+    if (k == max_runs)
+        return -1;
+    runs[2 * k] = o;
+    runs[2 * k + 1] = n;
+    *nr = k + 1;
+    return 0;
+}
+
 int64_t wk_translate_range(struct wk_walker *w, uint32_t ctx_id, uint64_t addr, uint64_t len, uint32_t acc,
                            uint32_t gran, uint64_t *runs, uint64_t max_runs, uint32_t *fault, uint64_t *faddr)
 {
@@ -623,15 +641,8 @@ int64_t wk_translate_range(struct wk_walker *w, uint32_t ctx_id, uint64_t addr, 
             *faddr = o;
             return -1;
         }
-        if (nr && runs[2 * nr - 2] + runs[2 * nr - 1] == o) {
-            runs[2 * nr - 1] += page_last - cur + 1u;
-        } else {
-            if (nr == max_runs)
-                return -2;
-            runs[2 * nr] = o;
-            runs[2 * nr + 1] = page_last - cur + 1u;
-            nr++;
-        }
+        if (append_run(runs, &nr, max_runs, o, page_last - cur + 1u) < 0)
+            return -2;
         if (page_last == last)
             return (int64_t)nr;
         cur = page_last + 1u;
@@ -1285,15 +1296,8 @@ int64_t wk_table_translate_range(struct wk_walker *w, uint32_t ctx_id, uint32_t 
             *fiova = cur;
             return -1;
         }
-        if (nr && runs[2 * nr - 2] + runs[2 * nr - 1] == o) {
-            runs[2 * nr - 1] += page_last - cur + 1u;
-        } else {
-            if (nr == max_runs)
-                return -2;
-            runs[2 * nr] = o;
-            runs[2 * nr + 1] = page_last - cur + 1u;
-            nr++;
-        }
+        if (append_run(runs, &nr, max_runs, o, page_last - cur + 1u) < 0)
+            return -2;
         if (page_last == last)
             return (int64_t)nr;
         cur = page_last + 1u;
